@@ -1,0 +1,574 @@
+"""I-JEPA models: encoder, predictor, pretraining model (context encoder + predictor + EMA target encoder), classifier.
+
+Reference: Assran et al., "Self-Supervised Learning from Images with a Joint-Embedding Predictive Architecture",
+CVPR 2023, and the official implementation facebookresearch/ijepa (`src/models/vision_transformer.py`,
+`src/train.py`, `src/masks/utils.py`). Docstrings name the official counterpart of each piece.
+
+The encoder reuses transformers' own I-JEPA modules (`IJepaEmbeddings`, `IJepaLayer`), so parameter names are those
+of `transformers.IJepaModel` and weights move both ways without renaming. The predictor builds the same `IJepaLayer`
+at its own width.
+
+This file imports only torch and transformers (plus its sibling files) so the Hub can load it as custom code. The
+key renames that let Hub-format (transformers 4.x layout) checkpoints load are registered *here*, not in the package
+`__init__`, so that remote-code loads get them too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import initialization as init
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.models.ijepa.modeling_ijepa import IJepaEmbeddings, IJepaLayer
+from transformers.models.ijepa.modeling_ijepa import IJepaPreTrainedModel as TransformersIJepaPreTrainedModel
+from transformers.utils import ModelOutput
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_ijepa import IJepaConfig
+from .masking_ijepa import MaskSamplingSettings, sample_masks
+
+# Official `forward_target`: `F.layer_norm(h, (h.size(-1),))` with PyTorch's default eps, not the model's 1e-6.
+TARGET_LAYER_NORM_EPS = 1e-5
+
+# Official `src/train.py`: `ema: [0.996, 1.0]` in every released config.
+EMA_MOMENTUM_START = 0.996
+EMA_MOMENTUM_END = 1.0
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Weight-name migration. transformers 4.x (and the Hub's facebook/ijepa_* repos) store the encoder as
+# `encoder.layer.N.attention.attention.query...`; transformers 5.x names it `layers.N.attention.q_proj...`. Built-in
+# classes get these renames from transformers' conversion mapping; classes defined outside transformers only when
+# registered by class name. Registering here (the modeling file) makes remote-code loads behave the same.
+_ENCODER_KEY_RENAMES = get_checkpoint_conversion_mapping("ViTModel")
+if _ENCODER_KEY_RENAMES is None:
+    raise ImportError(
+        "This transformers version has no 'ViTModel' checkpoint conversion mapping; install transformers 5.x "
+        "(pip install 'transformers>=5,<6')."
+    )
+for _class_name in ("IJepaModel",):
+    register_checkpoint_conversion_mapping(_class_name, get_checkpoint_conversion_mapping("ViTModel"), overwrite=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Small utilities shared by encoder, predictor and loss.
+
+
+def sincos_position_embeddings(embed_dim: int, grid_height: int, grid_width: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embeddings `(grid_height * grid_width, embed_dim)` in raster order.
+
+    Official `get_2d_sincos_pos_embed` (MAE-style): half the channels encode the column (x) coordinate, half the row
+    (y); each half is `[sin(pos * omega), cos(pos * omega)]` with `omega_k = 1 / 10000^(k / (D/4))`.
+    Computed in float64, like the official numpy code, then cast to float32.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"sin-cos position embeddings need a width divisible by 4, got {embed_dim}.")
+    quarter = embed_dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (D/4,)
+    rows, cols = torch.meshgrid(
+        torch.arange(grid_height, dtype=torch.float64), torch.arange(grid_width, dtype=torch.float64), indexing="ij"
+    )
+
+    def encode(positions):  # (N,) -> (N, D/2)
+        angles = positions.reshape(-1, 1) * omega[None, :]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    # Official order: the first half comes from grid[0], which is the column index (np.meshgrid(w, h)).
+    return torch.cat([encode(cols), encode(rows)], dim=1).to(torch.float32)
+
+
+def as_mask_list(masks: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...] | None):
+    """Normalise a mask argument to a list of `(batch, kept)` LongTensors (one tensor is accepted)."""
+    if masks is None:
+        return None
+    if isinstance(masks, torch.Tensor):
+        return [masks]
+    return list(masks)
+
+
+def gather_patches(hidden_states: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
+    """Keep the patches listed in each mask (official `apply_masks`).
+
+    Args:
+        hidden_states: `(batch, num_patches, dim)`.
+        masks: list of M LongTensors `(batch, kept)`.
+    Returns:
+        `(M * batch, kept, dim)`, mask-major: rows `[m * batch:(m + 1) * batch]` belong to mask m.
+    """
+    gathered = [
+        hidden_states.gather(1, mask.unsqueeze(-1).expand(-1, -1, hidden_states.size(-1))) for mask in masks
+    ]
+    return torch.cat(gathered, dim=0)
+
+
+def repeat_interleave_batch(x: torch.Tensor, batch_size: int, repeat: int) -> torch.Tensor:
+    """Repeat each consecutive chunk of `batch_size` rows `repeat` times (official `repeat_interleave_batch`).
+
+    `(N * batch, ...)` -> `(N * repeat * batch, ...)`, chunk order `[c0, c0, ..., c1, c1, ...]`.
+    """
+    num_chunks = x.size(0) // batch_size
+    return x.reshape(num_chunks, 1, batch_size, *x.shape[1:]).expand(-1, repeat, -1, *x.shape[1:]).reshape(
+        num_chunks * repeat * batch_size, *x.shape[1:]
+    )
+
+
+def ema_momentum(step: int, total_steps: int, start: float = EMA_MOMENTUM_START, end: float = EMA_MOMENTUM_END) -> float:
+    """EMA momentum used for the target update after optimizer step `step` (0-based); paper Sec. 4, official
+    `momentum_scheduler`: linear from `start` at step 0 to `end` at `total_steps`
+    (`total_steps = ipe_scale * epochs * iterations_per_epoch` in the official code)."""
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}.")
+    return start + step * (end - start) / total_steps
+
+
+def validate_masks(
+    masks: list[torch.Tensor], batch_size: int, num_patches: int, name: str, expected_blocks: int | None = None
+) -> None:
+    """Raise a clear error for malformed masks (wrong batch, empty, out of range, wrong count)."""
+    if len(masks) == 0:
+        raise ValueError(f"{name} is an empty list; pass one LongTensor (batch, kept_patches) per block.")
+    if expected_blocks is not None and len(masks) != expected_blocks:
+        raise ValueError(
+            f"{name} has {len(masks)} blocks but the config says {expected_blocks}; pass that many masks or change "
+            "the config's num_context_blocks/num_target_blocks."
+        )
+    for index, mask in enumerate(masks):
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"{name}[{index}] must be a 2-D LongTensor (batch, kept_patches), got {shape}.")
+        if mask.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"{name}[{index}] must hold integer patch indices, got dtype {mask.dtype}.")
+        if mask.size(0) != batch_size:
+            raise ValueError(
+                f"{name}[{index}] is for a batch of {mask.size(0)} but pixel_values has {batch_size} images; "
+                "sample masks for the same batch."
+            )
+        if mask.size(1) == 0:
+            raise ValueError(f"{name}[{index}] keeps no patch; every block must keep at least one patch.")
+        low, high = int(mask.min()), int(mask.max())
+        if low < 0 or high >= num_patches:
+            raise ValueError(
+                f"{name}[{index}] holds patch indices in [{low}, {high}] but the grid has {num_patches} patches "
+                f"(valid indices 0..{num_patches - 1})."
+            )
+
+
+def check_no_overlap(context_mask: list[torch.Tensor], target_mask: list[torch.Tensor], num_patches: int) -> None:
+    """Raise if any context block shares a patch with a target block of the same image."""
+    batch = context_mask[0].size(0)
+    context_hit = torch.zeros(batch, num_patches, dtype=torch.bool, device=context_mask[0].device)
+    for mask in context_mask:
+        context_hit.scatter_(1, mask, True)
+    for index, mask in enumerate(target_mask):
+        overlap = context_hit.gather(1, mask)
+        if overlap.any():
+            sample = int(overlap.any(dim=1).nonzero()[0])
+            raise ValueError(
+                f"target_mask[{index}] overlaps the context for sample {sample} while config.allow_overlap is False. "
+                "Remove the target patches from the context, or set allow_overlap=True. (IJepaMaskCollator only "
+                "produces overlap when its official retry-then-relax step fires: raise context_block_scale or lower "
+                "target_block_scale/min_keep so it never needs to.)"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Outputs
+
+
+@dataclass
+class IJepaForPreTrainingOutput(ModelOutput):
+    """Output of `IJepaForPreTraining.forward`.
+
+    With B images, C context blocks, T target blocks, Kc context patches, Kt target patches, D = hidden_size:
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`): smooth-L1 (or MSE) between predictions and targets, averaged over
+            every element (official `F.smooth_l1_loss(z, h)`).
+        predicted_hidden_states (`(T * C * B, Kt, D)`): predictor outputs at the target positions, official order
+            (target-block major, then context block, then image).
+        target_hidden_states (`(T * C * B, Kt, D)`): layer-normed target-encoder features at the same positions.
+        context_hidden_states (`(C * B, Kc, D)`): context-encoder outputs.
+        context_mask / target_mask: the masks used (sampled by the model when none were given).
+        hidden_states / attentions: of the context encoder, when requested.
+    """
+
+    loss: torch.FloatTensor | None = None
+    predicted_hidden_states: torch.FloatTensor | None = None
+    target_hidden_states: torch.FloatTensor | None = None
+    context_hidden_states: torch.FloatTensor | None = None
+    context_mask: list[torch.LongTensor] | None = None
+    target_mask: list[torch.LongTensor] | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
+
+
+class IJepaPreTrainedModel(TransformersIJepaPreTrainedModel):
+    """Base class: this package's config, the official initialisation and fixed sin-cos position tables."""
+
+    config_class = IJepaConfig
+    config: IJepaConfig
+    base_model_prefix = "ijepa"
+    _no_split_modules = ["IJepaEmbeddings", "IJepaLayer"]
+
+    def _init_weights(self, module):
+        """As the released runs started (official `init_model`): truncated normal (std `initializer_range`) for
+        every linear and conv weight, zero biases, LayerNorm 1/0, fixed sin-cos position tables, truncated-normal
+        mask token. Optional depth rescale (`config.rescale_init_by_depth`, off by default, see config)."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.trunc_normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, IJepaEmbeddings):
+            grid = module.patch_embeddings.image_size[0] // module.patch_embeddings.patch_size[0], (
+                module.patch_embeddings.image_size[1] // module.patch_embeddings.patch_size[1]
+            )
+            table = sincos_position_embeddings(module.position_embeddings.size(-1), *grid)
+            init.copy_(module.position_embeddings, table[None].to(module.position_embeddings.dtype))
+        elif isinstance(module, IJepaPredictor):
+            table = sincos_position_embeddings(module.position_embeddings.size(-1), *self.config.patch_grid)
+            init.copy_(module.position_embeddings, table[None].to(module.position_embeddings.dtype))
+            init.trunc_normal_(module.mask_token, mean=0.0, std=std)
+        elif isinstance(module, IJepaLayer) and self.config.rescale_init_by_depth:
+            # Official `fix_init_weight`: layer l (1-based) divides attn.proj and mlp.fc2 by sqrt(2 l).
+            depth = getattr(module, "layer_number", None)
+            if depth is not None:
+                for weight in (module.attention.o_proj.weight, module.mlp.fc2.weight):
+                    init.copy_(weight, weight / (2.0 * depth) ** 0.5)
+
+
+class IJepaModel(IJepaPreTrainedModel):
+    """The I-JEPA ViT encoder (official `VisionTransformer`): patch embedding, fixed sin-cos positions (no CLS
+    token), `num_hidden_layers` pre-norm transformer layers, final LayerNorm.
+
+    Parameter names equal `transformers.IJepaModel`'s. `pooler_output` is the mean over patch tokens, the feature
+    the paper evaluates (the built-in class returns `None` there).
+    """
+
+    _keys_to_ignore_on_load_unexpected = [r"context_encoder\.", r"predictor\."]
+
+    def __init__(self, config: IJepaConfig):
+        super().__init__(config)
+        self.embeddings = IJepaEmbeddings(config)
+        # Paper Sec. 4 / official `pos_embed`: fixed, not trained.
+        self.embeddings.position_embeddings.requires_grad_(False)
+        self.layers = nn.ModuleList([IJepaLayer(config) for _ in range(config.num_hidden_layers)])
+        for number, layer in enumerate(self.layers, start=1):
+            layer.layer_number = number
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.patch_embeddings
+
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        context_mask: torch.Tensor | list[torch.Tensor] | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        r"""
+        Args:
+            pixel_values (`(batch, num_channels, height, width)`): images.
+            context_mask (list of LongTensor `(batch, kept)`, or one tensor, *optional*): patches to keep. When
+                given, only these patches (gathered after the position embeddings) go through the transformer and
+                the output batch is `len(context_mask) * batch`, mask-major (official order).
+            interpolate_pos_encoding (`bool`, *optional*): interpolate the position table to another image size.
+
+        Returns:
+            `BaseModelOutputWithPooling` with `last_hidden_state` `(M * batch, kept or num_patches, hidden_size)` and
+            `pooler_output` `(M * batch, hidden_size)` (mean over tokens).
+        """
+        if pixel_values is None:
+            raise ValueError("pixel_values is required: a (batch, channels, height, width) tensor.")
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must be (batch, channels, height, width), got shape {tuple(pixel_values.shape)}.")
+        expected_dtype = self.embeddings.patch_embeddings.projection.weight.dtype
+        if pixel_values.dtype != expected_dtype:
+            pixel_values = pixel_values.to(expected_dtype)
+        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
+        masks = as_mask_list(context_mask)
+        if masks is not None:
+            validate_masks(masks, pixel_values.size(0), hidden_states.size(1), "context_mask")
+            hidden_states = gather_patches(hidden_states, masks)  # (M * B, kept, D)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, None, **kwargs)
+        sequence_output = self.layernorm(hidden_states)
+        return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=sequence_output.mean(dim=1))
+
+
+class IJepaPredictor(nn.Module):
+    """The narrow ViT predictor (official `VisionTransformerPredictor`, paper Sec. 3 "Prediction").
+
+    Context features are projected to `pred_hidden_size` and given their fixed sin-cos positions; one learned mask
+    token plus the target's position is placed at each target patch; the context is repeated per target block (as
+    the official predictor does), `pred_num_hidden_layers` `IJepaLayer`s run at the predictor width, then LayerNorm
+    and a projection back to `hidden_size`.
+
+    Official names: `predictor_embed` -> `input_projection`, `predictor_pos_embed` -> `position_embeddings`,
+    `predictor_blocks` -> `layers`, `predictor_norm` -> `layernorm`, `predictor_proj` -> `output_projection`.
+    """
+
+    def __init__(self, config: IJepaConfig):
+        super().__init__()
+        self.config = config
+        self.layer_config = config.predictor_layer_config()
+        width = config.pred_hidden_size
+        self.input_projection = nn.Linear(config.hidden_size, width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_patches, width), requires_grad=False)
+        self.layers = nn.ModuleList([IJepaLayer(self.layer_config) for _ in range(config.pred_num_hidden_layers)])
+        for number, layer in enumerate(self.layers, start=1):
+            layer.layer_number = number
+        self.layernorm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.output_projection = nn.Linear(width, config.hidden_size)
+
+    def forward(
+        self,
+        context_hidden_states: torch.Tensor,
+        context_mask: list[torch.Tensor],
+        target_mask: list[torch.Tensor],
+        **kwargs,
+    ) -> torch.Tensor:
+        """
+        Args:
+            context_hidden_states: `(C * B, Kc, hidden_size)`, the context encoder's output.
+            context_mask: list of C LongTensors `(B, Kc)`.
+            target_mask: list of T LongTensors `(B, Kt)`.
+        Returns:
+            `(T * C * B, Kt, hidden_size)` predictions, official order.
+        """
+        # Follow the parent's attention implementation (it may be switched after construction).
+        self.layer_config._attn_implementation = self.config._attn_implementation
+        num_context, num_target = len(context_mask), len(target_mask)
+        batch_size = context_hidden_states.size(0) // num_context
+        positions = self.position_embeddings.expand(batch_size, -1, -1)  # (B, N, P)
+
+        hidden = self.input_projection(context_hidden_states)  # (C*B, Kc, P)
+        hidden = hidden + gather_patches(positions, context_mask)
+        num_context_tokens = hidden.size(1)
+
+        target_positions = gather_patches(positions, target_mask)  # (T*B, Kt, P)
+        target_positions = repeat_interleave_batch(target_positions, batch_size, repeat=num_context)  # (T*C*B, Kt, P)
+        target_tokens = self.mask_token.to(target_positions.dtype) + target_positions
+
+        hidden = hidden.repeat(num_target, 1, 1)  # (T*C*B, Kc, P)
+        hidden = torch.cat([hidden, target_tokens], dim=1)  # (T*C*B, Kc+Kt, P)
+        for layer in self.layers:
+            hidden = layer(hidden, None, **kwargs)
+        hidden = self.layernorm(hidden)
+        return self.output_projection(hidden[:, num_context_tokens:])  # (T*C*B, Kt, D)
+
+
+class IJepaForPreTraining(IJepaPreTrainedModel):
+    """I-JEPA pretraining: context encoder, predictor and EMA target encoder (paper Fig. 3, official `train.py`).
+
+    * `self.ijepa` (alias `self.target_encoder`) is the EMA target encoder, under the base-model prefix so that
+      `AutoModel`/`IJepaModel.from_pretrained(pretraining_dir)` load it: it is the encoder the paper evaluates.
+      Frozen, always in eval mode, updated only by `update_target_encoder`.
+    * `self.context_encoder` and `self.predictor` are trained by the optimizer.
+    """
+
+    def __init__(self, config: IJepaConfig):
+        super().__init__(config)
+        self.context_encoder = IJepaModel(config)
+        self.predictor = IJepaPredictor(config)
+        self.ijepa = IJepaModel(config)
+        self.ijepa.requires_grad_(False)
+        self.post_init()
+        # Official `target_encoder = copy.deepcopy(encoder)`: start as an exact copy of the context encoder.
+        # (Done here rather than in `_init_weights`: the root module has no parameters of its own, so transformers
+        # skips its init hook for custom code. Under `from_pretrained` the loaded weights overwrite this copy.)
+        if self.context_encoder.layernorm.weight.device.type != "meta":
+            with torch.no_grad():
+                for target, context in zip(self.ijepa.parameters(), self.context_encoder.parameters()):
+                    target.copy_(context)
+        self.ijepa.eval()
+
+    @property
+    def target_encoder(self) -> IJepaModel:
+        return self.ijepa
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.ijepa.eval()  # dropout/drop-path never apply to targets
+        return self
+
+    def trainable_parameters(self):
+        """The parameters the optimizer should see (context encoder and predictor, minus fixed position tables)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def update_target_encoder(self, momentum: float) -> None:
+        """EMA update `target <- m * target + (1 - m) * context` (official `train.py`, after each optimizer step),
+        fused with `torch._foreach_*`. Call it on the unwrapped model (`accelerator.unwrap_model(model)`)."""
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}.")
+        target_params = [p for p in self.ijepa.parameters()]
+        context_params = [p.detach() for p in self.context_encoder.parameters()]
+        torch._foreach_mul_(target_params, momentum)
+        torch._foreach_add_(target_params, context_params, alpha=1.0 - momentum)
+
+    def sample_masks(self, batch_size: int, generator: torch.Generator | None = None):
+        """Multi-block masks from the config's sampler, on the model's device. Without a generator, one is seeded
+        from torch's global RNG (so `torch.manual_seed` makes `model(pixel_values)` reproducible)."""
+        if generator is None:
+            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        settings = MaskSamplingSettings.from_config(self.config)
+        context_mask, target_mask, _ = sample_masks(settings, batch_size, generator)
+        device = self.context_encoder.embeddings.patch_embeddings.projection.weight.device
+        return [m.to(device) for m in context_mask], [m.to(device) for m in target_mask]
+
+    @torch.no_grad()
+    def compute_targets(
+        self, pixel_values: torch.Tensor, target_mask: list[torch.Tensor], num_context_blocks: int, **kwargs
+    ) -> torch.Tensor:
+        """Official `forward_target`: target encoder on the full image, layer norm over features (no affine),
+        gathered at the target blocks and repeated per context block. Returns `(T * C * B, Kt, D)`."""
+        batch_size = pixel_values.size(0)
+        features = self.ijepa(pixel_values, **kwargs).last_hidden_state  # (B, N, D)
+        features = F.layer_norm(features, (features.size(-1),), eps=TARGET_LAYER_NORM_EPS)
+        targets = gather_patches(features, target_mask)  # (T*B, Kt, D)
+        return repeat_interleave_batch(targets, batch_size, repeat=num_context_blocks)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        context_mask: torch.Tensor | list[torch.Tensor] | None = None,
+        target_mask: torch.Tensor | list[torch.Tensor] | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ) -> IJepaForPreTrainingOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`(B, num_channels, height, width)`): images.
+            context_mask (list of C LongTensors `(B, Kc)`, *optional*): context patches.
+            target_mask (list of T LongTensors `(B, Kt)`, *optional*): target patches. When both masks are absent they
+                are sampled with the config's multi-block sampler (using `generator` if given).
+            generator (`torch.Generator`, *optional*): randomness for sampled masks.
+
+        Returns:
+            `IJepaForPreTrainingOutput` (see its docstring for shapes).
+        """
+        if pixel_values is None:
+            raise ValueError("pixel_values is required: a (batch, channels, height, width) tensor.")
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must be (batch, channels, height, width), got shape {tuple(pixel_values.shape)}.")
+        return_dict = True if return_dict is None else return_dict
+        context_mask, target_mask = as_mask_list(context_mask), as_mask_list(target_mask)
+        if (context_mask is None) != (target_mask is None):
+            raise ValueError("Pass both context_mask and target_mask, or neither (then they are sampled).")
+        batch_size = pixel_values.size(0)
+        if context_mask is None:
+            context_mask, target_mask = self.sample_masks(batch_size, generator)
+        num_patches = self.config.num_patches
+        if interpolate_pos_encoding:
+            patch_h, patch_w = self.config.patch_size_hw
+            num_patches = (pixel_values.size(2) // patch_h) * (pixel_values.size(3) // patch_w)
+        validate_masks(context_mask, batch_size, num_patches, "context_mask")
+        validate_masks(target_mask, batch_size, num_patches, "target_mask")
+        if not self.config.allow_overlap:
+            check_no_overlap(context_mask, target_mask, num_patches)
+
+        context_outputs = self.context_encoder(
+            pixel_values,
+            context_mask=context_mask,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
+        context_hidden_states = context_outputs.last_hidden_state  # (C*B, Kc, D)
+        predicted = self.predictor(context_hidden_states, context_mask, target_mask)  # (T*C*B, Kt, D)
+        targets = self.compute_targets(
+            pixel_values, target_mask, len(context_mask), interpolate_pos_encoding=interpolate_pos_encoding
+        )
+        if self.config.loss_type == "smooth_l1":
+            loss = F.smooth_l1_loss(predicted, targets.to(predicted.dtype))
+        else:
+            loss = F.mse_loss(predicted, targets.to(predicted.dtype))
+
+        output = IJepaForPreTrainingOutput(
+            loss=loss,
+            predicted_hidden_states=predicted,
+            target_hidden_states=targets,
+            context_hidden_states=context_hidden_states,
+            context_mask=context_mask,
+            target_mask=target_mask,
+            hidden_states=context_outputs.hidden_states,
+            attentions=context_outputs.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class IJepaForImageClassification(IJepaPreTrainedModel):
+    """Encoder plus a linear head on the mean-pooled patch features; parameter names equal transformers'
+    `IJepaForImageClassification` (`ijepa.*`, `classifier.*`). From a pretraining checkpoint it loads the target
+    encoder."""
+
+    _keys_to_ignore_on_load_unexpected = [r"context_encoder\.", r"predictor\."]
+
+    def __init__(self, config: IJepaConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.ijepa = IJepaModel(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        """Returns `ImageClassifierOutput` with `logits` `(batch, num_labels)` and, with `labels`, the loss."""
+        return_dict = True if return_dict is None else return_dict
+        outputs = self.ijepa(
+            pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
+        logits = self.classifier(outputs.pooler_output)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels, logits, self.config, **kwargs)
+        output = ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = [
+    "IJepaPreTrainedModel",
+    "IJepaModel",
+    "IJepaPredictor",
+    "IJepaForPreTraining",
+    "IJepaForPreTrainingOutput",
+    "IJepaForImageClassification",
+    "ema_momentum",
+    "gather_patches",
+    "repeat_interleave_batch",
+    "sincos_position_embeddings",
+]

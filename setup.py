@@ -1,0 +1,31 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+TRAIN_REQUIRES = [
+    "accelerate>=1.10,<2",
+    "datasets>=3.0",
+    "evaluate>=0.4",
+    "torchvision",
+    "tensorboard",
+    "tqdm",
+    "huggingface_hub>=1.0",
+    "pyyaml",
+]
+
+setup(
+    name="modeling-ijepa",
+    version="0.1.0",
+    description="I-JEPA for Hugging Face Transformers: pretraining, conversion, Hub checkpoints and fine-tuning.",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["modeling_ijepa", "modeling_ijepa.*"]),
+    python_requires=">=3.10",
+    # transformers 5.x: the weight names (`layers.N.attention.q_proj`) and conversion-mapping API we build on.
+    install_requires=["torch>=2.4", "transformers>=5.0,<6", "safetensors"],
+    extras_require={
+        "train": TRAIN_REQUIRES,
+        "dev": ["pytest>=7"] + TRAIN_REQUIRES,
+    },
+    license="Apache-2.0",
+)

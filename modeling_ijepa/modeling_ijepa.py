@@ -125,6 +125,15 @@ def ema_momentum(step: int, total_steps: int, start: float = EMA_MOMENTUM_START,
     return start + step * (end - start) / total_steps
 
 
+def tag_residual_projections(layers: nn.ModuleList) -> None:
+    """Mark each layer's residual-branch output projections with their 1-based depth, for the optional official
+    depth rescale at init (`config.rescale_init_by_depth`). Tags live on the Linear modules because transformers
+    skips init hooks of parameter-less modules in custom code."""
+    for number, layer in enumerate(layers, start=1):
+        layer.attention.o_proj.residual_layer_number = number
+        layer.mlp.fc2.residual_layer_number = number
+
+
 def validate_masks(
     masks: list[torch.Tensor], batch_size: int, num_patches: int, name: str, expected_blocks: int | None = None
 ) -> None:
@@ -218,6 +227,21 @@ class IJepaPreTrainedModel(TransformersIJepaPreTrainedModel):
     base_model_prefix = "ijepa"
     _no_split_modules = ["IJepaEmbeddings", "IJepaLayer"]
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        # Loading replaces parameters and forgets `requires_grad=False`: re-freeze what is never trained.
+        model.freeze_fixed_parameters()
+        return loaded
+
+    def freeze_fixed_parameters(self) -> None:
+        """Fixed sin-cos tables (paper Sec. 4, official `requires_grad=False`) and, in pretraining models, the EMA
+        target encoder are never trained."""
+        for module in self.modules():
+            if isinstance(module, (IJepaEmbeddings, IJepaPredictor)):
+                module.position_embeddings.requires_grad_(False)
+
     def _init_weights(self, module):
         """As the released runs started (official `init_model`): truncated normal (std `initializer_range`) for
         every linear and conv weight, zero biases, LayerNorm 1/0, fixed sin-cos position tables, truncated-normal
@@ -227,6 +251,10 @@ class IJepaPreTrainedModel(TransformersIJepaPreTrainedModel):
             init.trunc_normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
+            depth = getattr(module, "residual_layer_number", None)
+            if depth is not None and self.config.rescale_init_by_depth:
+                # Official `fix_init_weight`: layer l (1-based) divides attn.proj and mlp.fc2 by sqrt(2 l).
+                init.copy_(module.weight, module.weight / (2.0 * depth) ** 0.5)
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
@@ -240,12 +268,6 @@ class IJepaPreTrainedModel(TransformersIJepaPreTrainedModel):
             table = sincos_position_embeddings(module.position_embeddings.size(-1), *self.config.patch_grid)
             init.copy_(module.position_embeddings, table[None].to(module.position_embeddings.dtype))
             init.trunc_normal_(module.mask_token, mean=0.0, std=std)
-        elif isinstance(module, IJepaLayer) and self.config.rescale_init_by_depth:
-            # Official `fix_init_weight`: layer l (1-based) divides attn.proj and mlp.fc2 by sqrt(2 l).
-            depth = getattr(module, "layer_number", None)
-            if depth is not None:
-                for weight in (module.attention.o_proj.weight, module.mlp.fc2.weight):
-                    init.copy_(weight, weight / (2.0 * depth) ** 0.5)
 
 
 class IJepaModel(IJepaPreTrainedModel):
@@ -264,8 +286,7 @@ class IJepaModel(IJepaPreTrainedModel):
         # Paper Sec. 4 / official `pos_embed`: fixed, not trained.
         self.embeddings.position_embeddings.requires_grad_(False)
         self.layers = nn.ModuleList([IJepaLayer(config) for _ in range(config.num_hidden_layers)])
-        for number, layer in enumerate(self.layers, start=1):
-            layer.layer_number = number
+        tag_residual_projections(self.layers)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
@@ -332,8 +353,7 @@ class IJepaPredictor(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_patches, width), requires_grad=False)
         self.layers = nn.ModuleList([IJepaLayer(self.layer_config) for _ in range(config.pred_num_hidden_layers)])
-        for number, layer in enumerate(self.layers, start=1):
-            layer.layer_number = number
+        tag_residual_projections(self.layers)
         self.layernorm = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.output_projection = nn.Linear(width, config.hidden_size)
 
@@ -399,6 +419,11 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
                     target.copy_(context)
         self.ijepa.eval()
 
+    def freeze_fixed_parameters(self) -> None:
+        super().freeze_fixed_parameters()
+        self.ijepa.requires_grad_(False)
+        self.ijepa.eval()
+
     @property
     def target_encoder(self) -> IJepaModel:
         return self.ijepa
@@ -407,6 +432,20 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         super().train(mode)
         self.ijepa.eval()  # dropout/drop-path never apply to targets
         return self
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # A pretraining checkpoint also serves AutoModel (target encoder) and AutoModelForImageClassification (target
+        # encoder + new head): name this file's classes for them in the auto_map too, so that remote-code loads get
+        # the mean-pooled `IJepaModel` rather than transformers' built-in class.
+        if self._auto_class is not None:
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            for auto_class, model_class in (
+                ("AutoModel", IJepaModel),
+                ("AutoModelForImageClassification", IJepaForImageClassification),
+            ):
+                auto_map.setdefault(auto_class, f"{model_class.__module__.rsplit('.', 1)[-1]}.{model_class.__name__}")
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def trainable_parameters(self):
         """The parameters the optimizer should see (context encoder and predictor, minus fixed position tables)."""

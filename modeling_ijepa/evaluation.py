@@ -1,0 +1,278 @@
+"""Frozen-feature evaluation of I-JEPA encoders: the paper's linear probe (Assran et al., CVPR 2023, Sec. 5 and
+Appendix C "linear evaluation").
+
+The official repository never released its evaluation code; this module follows the protocol the paper describes:
+
+1. features are extracted once from the frozen target encoder: the average over patch tokens of the last layer
+   (`IJepaModel.pooler_output`), optionally concatenated with the average-pooled outputs of the preceding layers
+   (the paper concatenates the last 4 layers for its low-level tasks);
+2. each feature is standardised with the mean and standard deviation of the training features;
+3. a linear classifier is fitted by full-batch L-BFGS (default) or mini-batch SGD, for each L2 weight decay of a small
+   sweep; the decay with the best accuracy on a held-out part of the training set is refitted on the whole training
+   set and scored on the test set.
+
+`scripts/linear_probe.py` wraps this for any `datasets` image-classification dataset; `scripts/benchmark_learning.py`
+uses it for the pretrained / random-init / raw-pixel comparison. This file imports only torch and transformers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Small L2 sweep (weight decay on the mean cross-entropy); the ends were chosen so that 128-1024-d standardised
+# features over-fit at the low end and under-fit at the high end on ~10k training images.
+DEFAULT_WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
+# Fraction of the training features held out to pick the weight decay.
+DEFAULT_VALIDATION_FRACTION = 0.2
+# Full-batch L-BFGS converges on these convex problems in a few hundred iterations.
+DEFAULT_LBFGS_STEPS = 300
+DEFAULT_SGD_EPOCHS = 100
+DEFAULT_SGD_BATCH_SIZE = 256
+DEFAULT_SGD_LEARNING_RATE = 0.1
+# Guard against constant features (e.g. always-black border pixels) when standardising.
+STD_EPS = 1e-6
+
+
+@torch.no_grad()
+def pooled_features(model: nn.Module, pixel_values: torch.Tensor, num_layers: int = 1) -> torch.Tensor:
+    """Average-pooled features of an `IJepaModel` for one batch.
+
+    Args:
+        model: an `IJepaModel` (or any encoder returning `pooler_output` and `hidden_states`).
+        pixel_values: `(batch, channels, height, width)`.
+        num_layers: 1 uses `pooler_output` (mean of the final, layer-normed tokens); N > 1 concatenates it with the
+            token means of the N - 1 preceding transformer layers' outputs, deepest first.
+    Returns:
+        `(batch, num_layers * hidden_size)`.
+    """
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be at least 1, got {num_layers}.")
+    outputs = model(pixel_values, output_hidden_states=num_layers > 1)
+    features = [outputs.pooler_output]
+    if num_layers > 1:
+        # hidden_states = (embeddings, layer 1, ..., layer L); the last one is already in pooler_output (normed).
+        layers = outputs.hidden_states[1:-1]
+        if num_layers - 1 > len(layers):
+            raise ValueError(
+                f"num_layers={num_layers} but the encoder has only {len(layers) + 1} transformer layers; "
+                f"use at most {len(layers) + 1}."
+            )
+        for hidden in reversed(layers[len(layers) - (num_layers - 1):]):
+            features.append(hidden.mean(dim=1))
+    return torch.cat(features, dim=-1)
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    batches: Iterable[dict | tuple | torch.Tensor],
+    num_layers: int = 1,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run a frozen encoder over batches once and return `(features (N, num_layers * D), labels (N,) or None)`.
+
+    `batches` yields dicts with `pixel_values` (and optionally `labels`), `(pixel_values, labels)` tuples, or bare
+    pixel tensors. The model is put in eval mode; features come back on the CPU in float32.
+    """
+    model.eval()
+    if device is None:
+        device = next(model.parameters()).device
+    features, labels = [], []
+    for batch in batches:
+        if isinstance(batch, dict):
+            pixels, batch_labels = batch["pixel_values"], batch.get("labels")
+        elif isinstance(batch, (tuple, list)):
+            pixels, batch_labels = batch[0], batch[1] if len(batch) > 1 else None
+        else:
+            pixels, batch_labels = batch, None
+        features.append(pooled_features(model, pixels.to(device), num_layers=num_layers).float().cpu())
+        if batch_labels is not None:
+            labels.append(torch.as_tensor(batch_labels).cpu())
+    if not features:
+        raise ValueError("extract_features received no batches: the dataset split is empty.")
+    return torch.cat(features), (torch.cat(labels).long() if labels else None)
+
+
+@dataclass
+class Standardizer:
+    """Per-feature z-scoring with statistics of the training features."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @classmethod
+    def fit(cls, features: torch.Tensor) -> "Standardizer":
+        return cls(mean=features.mean(0), std=features.std(0).clamp_min(STD_EPS))
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        return (features - self.mean) / self.std
+
+
+@dataclass
+class ProbeSettings:
+    """How the linear classifier is fitted (see module docstring)."""
+
+    method: str = "lbfgs"  # "lbfgs" (full batch) or "sgd"
+    weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS
+    validation_fraction: float = DEFAULT_VALIDATION_FRACTION
+    standardize: bool = True
+    lbfgs_steps: int = DEFAULT_LBFGS_STEPS
+    sgd_epochs: int = DEFAULT_SGD_EPOCHS
+    sgd_batch_size: int = DEFAULT_SGD_BATCH_SIZE
+    sgd_learning_rate: float = DEFAULT_SGD_LEARNING_RATE
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in ("lbfgs", "sgd"):
+            raise ValueError(f"method must be 'lbfgs' or 'sgd', got {self.method!r}.")
+        if not self.weight_decays:
+            raise ValueError("weight_decays is empty: give at least one L2 weight decay to try.")
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}.")
+
+
+@dataclass
+class ProbeResult:
+    """Outcome of `linear_probe`; `to_dict()` is what the scripts write as JSON."""
+
+    test_accuracy: float | None
+    train_accuracy: float
+    best_weight_decay: float
+    validation_accuracy: dict[str, float] = field(default_factory=dict)  # str(weight decay) -> accuracy
+    num_train: int = 0
+    num_test: int = 0
+    feature_dim: int = 0
+    num_classes: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fit_linear_classifier(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, weight_decay: float, settings: ProbeSettings
+) -> nn.Linear:
+    """Multinomial logistic regression `(N, D) -> num_classes` minimising mean cross-entropy + wd/2 * ||W||^2."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    classifier = nn.Linear(features.size(1), num_classes)
+    nn.init.zeros_(classifier.weight)
+    nn.init.zeros_(classifier.bias)
+
+    def objective(logits_of):
+        return F.cross_entropy(logits_of, labels) + 0.5 * weight_decay * classifier.weight.pow(2).sum()
+
+    if settings.method == "lbfgs":
+        optimizer = torch.optim.LBFGS(
+            classifier.parameters(), lr=1.0, max_iter=settings.lbfgs_steps, history_size=20,
+            line_search_fn="strong_wolfe", tolerance_grad=1e-7, tolerance_change=1e-10,
+        )
+
+        def closure():
+            optimizer.zero_grad()
+            loss = objective(classifier(features))
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+    else:
+        optimizer = torch.optim.SGD(classifier.parameters(), lr=settings.sgd_learning_rate, momentum=0.9)
+        steps_per_epoch = math.ceil(features.size(0) / settings.sgd_batch_size)
+        total = settings.sgd_epochs * steps_per_epoch
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        for _ in range(settings.sgd_epochs):
+            order = torch.randperm(features.size(0), generator=generator)
+            for start in range(0, features.size(0), settings.sgd_batch_size):
+                index = order[start:start + settings.sgd_batch_size]
+                optimizer.zero_grad()
+                loss = F.cross_entropy(classifier(features[index]), labels[index])
+                loss = loss + 0.5 * weight_decay * classifier.weight.pow(2).sum()
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+    return classifier
+
+
+@torch.no_grad()
+def accuracy(classifier: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((classifier(features).argmax(-1) == labels).float().mean())
+
+
+def linear_probe(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor | None = None,
+    test_labels: torch.Tensor | None = None,
+    num_classes: int | None = None,
+    settings: ProbeSettings | None = None,
+) -> ProbeResult:
+    """Fit the paper's linear probe on frozen features and score it (see module docstring).
+
+    Args:
+        train_features: `(N, D)`; train_labels: `(N,)` class ids in `[0, num_classes)`.
+        test_features / test_labels: `(M, D)` / `(M,)`, optional (then `test_accuracy` is None).
+        num_classes: defaults to `max(label) + 1` over train and test.
+    """
+    settings = settings or ProbeSettings()
+    train_features = train_features.float()
+    train_labels = train_labels.long()
+    if train_features.size(0) != train_labels.size(0):
+        raise ValueError(f"{train_features.size(0)} training features but {train_labels.size(0)} labels.")
+    if num_classes is None:
+        num_classes = int(train_labels.max()) + 1
+        if test_labels is not None:
+            num_classes = max(num_classes, int(test_labels.max()) + 1)
+
+    # Held-out part of train, a fixed random subset, used only to pick the weight decay.
+    generator = torch.Generator().manual_seed(settings.seed)
+    order = torch.randperm(train_features.size(0), generator=generator)
+    num_val = max(1, int(round(settings.validation_fraction * train_features.size(0))))
+    if num_val >= train_features.size(0):
+        raise ValueError(f"Need at least 2 training examples to hold some out, got {train_features.size(0)}.")
+    val_index, fit_index = order[:num_val], order[num_val:]
+    fit_scaler = Standardizer.fit(train_features[fit_index]) if settings.standardize else None
+    scale = fit_scaler if fit_scaler is not None else (lambda x: x)
+    fit_x, val_x = scale(train_features[fit_index]), scale(train_features[val_index])
+    validation_accuracy = {}
+    for weight_decay in settings.weight_decays:
+        classifier = fit_linear_classifier(fit_x, train_labels[fit_index], num_classes, weight_decay, settings)
+        validation_accuracy[str(weight_decay)] = accuracy(classifier, val_x, train_labels[val_index])
+    # Ties go to the larger decay (the simpler model).
+    best = max(settings.weight_decays, key=lambda wd: (validation_accuracy[str(wd)], wd))
+
+    scaler = Standardizer.fit(train_features) if settings.standardize else None
+    scale = scaler if scaler is not None else (lambda x: x)
+    all_x = scale(train_features)
+    classifier = fit_linear_classifier(all_x, train_labels, num_classes, best, settings)
+    test_accuracy = None
+    if test_features is not None:
+        if test_labels is None:
+            raise ValueError("test_features were given without test_labels.")
+        test_accuracy = accuracy(classifier, scale(test_features.float()), test_labels.long())
+    return ProbeResult(
+        test_accuracy=test_accuracy,
+        train_accuracy=accuracy(classifier, all_x, train_labels),
+        best_weight_decay=float(best),
+        validation_accuracy=validation_accuracy,
+        num_train=int(train_features.size(0)),
+        num_test=int(test_features.size(0)) if test_features is not None else 0,
+        feature_dim=int(train_features.size(1)),
+        num_classes=int(num_classes),
+    )
+
+
+__all__ = [
+    "DEFAULT_WEIGHT_DECAYS",
+    "ProbeResult",
+    "ProbeSettings",
+    "Standardizer",
+    "accuracy",
+    "extract_features",
+    "fit_linear_classifier",
+    "linear_probe",
+    "pooled_features",
+]

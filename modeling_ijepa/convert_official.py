@@ -113,11 +113,12 @@ ENCODER_KEY_MAP: tuple[KeyRule, ...] = (
     KeyRule("norm.{p}", ("layernorm.{p}",)),
 )
 
-# Official `VisionTransformerPredictor` <-> `IJepaPredictor`.
+# Official `VisionTransformerPredictor` <-> `IJepaPredictor`. (Rules are listed in the official `state_dict()` order —
+# a module's own parameters before its children's — which `ours_to_official` reproduces.)
 PREDICTOR_KEY_MAP: tuple[KeyRule, ...] = (
-    KeyRule("predictor_embed.{p}", ("input_projection.{p}",)),
     KeyRule("mask_token", ("mask_token",)),
     KeyRule("predictor_pos_embed", ("position_embeddings",)),
+    KeyRule("predictor_embed.{p}", ("input_projection.{p}",)),
     *_block_rules("predictor_blocks", "layers"),
     KeyRule("predictor_norm.{p}", ("layernorm.{p}",)),
     KeyRule("predictor_proj.{p}", ("output_projection.{p}",)),
@@ -169,9 +170,19 @@ def official_to_ours(state_dict: Mapping[str, torch.Tensor], rules: tuple[KeyRul
     return converted
 
 
+def _official_order(rules: tuple[KeyRule, ...], rule: KeyRule, fields: Mapping[str, str]) -> tuple:
+    """Sort key reproducing the official `state_dict()` order: rules in map order, with all rules of one layer
+    (`{i}`) together, layers ascending, weight before bias."""
+    index = rules.index(rule)
+    layered = [position for position, r in enumerate(rules) if "{i}" in r.official]
+    group = layered[0] if "{i}" in rule.official else index
+    return group, int(fields.get("i", -1)), index, fields.get("p") == "bias"
+
+
 def ours_to_official(state_dict: Mapping[str, torch.Tensor], rules: tuple[KeyRule, ...], section: str) -> dict:
-    """The reverse of `official_to_ours` with the same rules; unknown or incomplete keys raise."""
-    converted, unknown, consumed = {}, [], set()
+    """The reverse of `official_to_ours` with the same rules, in the official key order; unknown or incomplete keys
+    raise."""
+    converted, order, unknown, consumed = {}, {}, [], set()
     for key in state_dict:
         matched = _match(rules, key, "ours")
         if matched is None:
@@ -186,14 +197,16 @@ def ours_to_official(state_dict: Mapping[str, torch.Tensor], rules: tuple[KeyRul
             raise ValueError(f"Cannot rebuild official {section}.{rule.official.format(**fields)}: missing {missing}.")
         consumed.update(names)
         parts = [state_dict[name] for name in names]
-        converted[rule.official.format(**fields)] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        official_key = rule.official.format(**fields)
+        converted[official_key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        order[official_key] = _official_order(rules, rule, fields)
     leftover = [key for key in state_dict if key not in consumed and key not in unknown]
     if unknown or leftover:
         raise ValueError(
             f"Our '{section}' weights have keys the key map cannot place in the official format: "
             f"{sorted(unknown + leftover)}."
         )
-    return converted
+    return {key: converted[key] for key in sorted(converted, key=order.__getitem__)}
 
 
 def strip_ddp_prefix(state_dict: Mapping[str, torch.Tensor], section: str) -> tuple[dict, bool]:
@@ -287,7 +300,11 @@ def infer_config(
     target_shapes = {k: tuple(v.shape) for k, v in sections["target_encoder"].items()}
     encoder_shapes = {k: tuple(v.shape) for k, v in encoder.items()}
     if target_shapes != encoder_shapes:
-        raise ValueError("target_encoder and encoder differ in architecture; the official code makes them copies.")
+        differing = sorted(k for k in set(target_shapes) | set(encoder_shapes) if target_shapes.get(k) != encoder_shapes.get(k))
+        raise ValueError(
+            f"target_encoder and encoder differ in architecture (keys/shapes {differing[:10]}); the official code "
+            "makes the target encoder a copy of the encoder."
+        )
     fields = dict(
         hidden_size=int(hidden),
         num_hidden_layers=_count_layers(encoder, "blocks"),
@@ -328,11 +345,11 @@ def official_to_model(
     """Build an `IJepaForPreTraining` from an official checkpoint dict with a strict load. Returns the model (eval
     mode) and whether the file's keys carried the DDP prefix."""
     sections, had_prefix = official_sections(checkpoint)
-    config = infer_config(sections, num_attention_heads, pred_num_attention_heads, **config_overrides)
-    state_dict = {}
+    state_dict = {}  # renamed first, so that unknown keys are reported before any shape reasoning
     for section, prefix in SECTION_PREFIXES.items():
         for key, tensor in official_to_ours(sections[section], KEY_MAPS[section], section).items():
             state_dict[prefix + key] = tensor
+    config = infer_config(sections, num_attention_heads, pred_num_attention_heads, **config_overrides)
     model = IJepaForPreTraining(config)
     load_strict(model, state_dict, "the official checkpoint into IJepaForPreTraining")
     return model.eval(), had_prefix

@@ -1,0 +1,133 @@
+"""Upload a finished output directory to the Hugging Face Hub in one commit.
+
+Used by `scripts/push_to_hub.py` and by the `--push_to_hub` flags of the other scripts, always *after* the
+directory has been written and verified, so a failed upload loses nothing: the folder is only read.
+
+`push_folder_to_hub` creates the repository (no error when it exists), creates the branch when a revision other
+than `main` is asked for, and sends every file of the folder in a single `HfApi.create_commit` (pre-upload, then
+commit). `upload_folder` is not used because, with `hf_xet` installed, it may split a large folder into several
+commits ("part 2", ...). Offline mode, a missing token and an unreachable endpoint raise `HubUploadError` saying
+what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import httpx2  # huggingface_hub's HTTP client: its transport errors mean "no network"
+from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.hf_api import CommitInfo
+
+logger = logging.getLogger(__name__)
+
+# Never uploaded: VCS data, Python caches, and the local cache huggingface_hub keeps inside uploaded folders.
+IGNORED_PARTS = {".git", "__pycache__", ".cache", ".ipynb_checkpoints"}
+IGNORED_SUFFIXES = (".pyc", ".lock")
+
+
+class HubUploadError(RuntimeError):
+    """The upload could not be done; the message says why and how to retry. The local folder is untouched."""
+
+
+def files_to_upload(folder: str | Path) -> list[str]:
+    """Relative POSIX paths of the files `push_folder_to_hub` sends, sorted."""
+    folder = Path(folder)
+    paths = []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if not path.is_file() or IGNORED_PARTS.intersection(relative.parts) or path.name.endswith(IGNORED_SUFFIXES):
+            continue
+        paths.append(relative.as_posix())
+    return paths
+
+
+def _retry_hint(folder: Path, repo_id: str, revision: str | None, private: bool | None) -> str:
+    command = f"python scripts/push_to_hub.py {folder} --repo_id {repo_id}"
+    if revision:
+        command += f" --revision {revision}"
+    if private:
+        command += " --private"
+    return f"Nothing was uploaded and {folder} is unchanged; retry later with:\n  {command}"
+
+
+def push_folder_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> CommitInfo:
+    """Upload every file of `folder` to the model repo `repo_id` in one commit.
+
+    Args:
+        folder: a directory written by this project's scripts (weights, config, README.md model card, ...).
+        repo_id: `"user_or_org/name"`; created if missing (`private` applies only then).
+        revision: branch to commit to (created from `main` if missing); default `main`.
+        commit_message: defaults to `"Upload <folder name> (<n> files)"`.
+        token: defaults to the saved login / `HF_TOKEN`. endpoint: defaults to `HF_ENDPOINT` / huggingface.co.
+    Returns:
+        `huggingface_hub.CommitInfo` (`.commit_url`, `.oid`).
+    Raises:
+        `HubUploadError` for offline mode, no token, an unreachable endpoint or an HTTP error (message says what to
+        do); `FileNotFoundError`/`ValueError` for a missing or empty folder.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a directory; write the model there first (save_pretrained).")
+    paths = files_to_upload(folder)
+    if not paths:
+        raise ValueError(f"{folder} holds no files to upload.")
+    if "README.md" not in paths:
+        logger.warning("%s has no README.md: the repo will have no model card (see modeling_ijepa.cards).", folder)
+    hint = _retry_hint(folder, repo_id, revision, private)
+    if constants.is_offline_mode():
+        raise HubUploadError(
+            f"Cannot upload to {repo_id}: Hugging Face offline mode is on (HF_HUB_OFFLINE=1). Unset it on a machine "
+            f"with network access. {hint}"
+        )
+    token = token or get_token()
+    if not token:
+        raise HubUploadError(
+            f"Cannot upload to {repo_id}: no Hugging Face token. Log in with `hf auth login` or set HF_TOKEN to a "
+            f"token with write access (https://huggingface.co/settings/tokens). {hint}"
+        )
+    api = HfApi(endpoint=endpoint, token=token)
+    message = commit_message or f"Upload {folder.resolve().name} ({len(paths)} files)"
+    operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(folder / path)) for path in paths]
+    try:
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision and revision != constants.DEFAULT_REVISION:
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        info = api.create_commit(
+            repo_id,
+            operations,
+            commit_message=message,
+            commit_description=commit_description,
+            revision=revision,
+            repo_type="model",
+        )
+    except httpx2.TransportError as error:
+        raise HubUploadError(
+            f"Cannot reach the Hub at {api.endpoint} ({type(error).__name__}: {error}). Check the network or "
+            f"HF_ENDPOINT. {hint}"
+        ) from error
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else "?"
+        advice = {
+            401: "the token was rejected: log in again (`hf auth login`) or set a valid HF_TOKEN",
+            403: f"the token may not write to {repo_id}: use a write token or a namespace you own",
+        }.get(status, "read the server's message")
+        raise HubUploadError(
+            f"The Hub refused the upload to {repo_id} (HTTP {status}): {advice}.\nServer said: {error}\n{hint}"
+        ) from error
+    logger.info("Uploaded %d files of %s to %s: %s", len(paths), folder, repo_url, info.commit_url)
+    return info
+
+
+__all__ = ["HubUploadError", "files_to_upload", "push_folder_to_hub"]

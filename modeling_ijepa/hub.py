@@ -12,7 +12,9 @@ what to do.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx2  # huggingface_hub's HTTP client: its transport errors mean "no network"
@@ -31,13 +33,16 @@ class HubUploadError(RuntimeError):
     """The upload could not be done; the message says why and how to retry. The local folder is untouched."""
 
 
-def files_to_upload(folder: str | Path) -> list[str]:
-    """Relative POSIX paths of the files `push_folder_to_hub` sends, sorted."""
+def files_to_upload(folder: str | Path, exclude: Sequence[str] = ()) -> list[str]:
+    """Relative POSIX paths of the files `push_folder_to_hub` sends, sorted. `exclude` holds glob patterns matched
+    against each path's top-level entry (e.g. `"checkpoint-*"` leaves resumable training states out)."""
     folder = Path(folder)
     paths = []
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder)
         if not path.is_file() or IGNORED_PARTS.intersection(relative.parts) or path.name.endswith(IGNORED_SUFFIXES):
+            continue
+        if any(fnmatch.fnmatch(relative.parts[0], pattern) for pattern in exclude):
             continue
         paths.append(relative.as_posix())
     return paths
@@ -62,6 +67,7 @@ def push_folder_to_hub(
     commit_description: str | None = None,
     token: str | None = None,
     endpoint: str | None = None,
+    exclude: Sequence[str] = (),
 ) -> CommitInfo:
     """Upload every file of `folder` to the model repo `repo_id` in one commit.
 
@@ -71,6 +77,7 @@ def push_folder_to_hub(
         revision: branch to commit to (created from `main` if missing); default `main`.
         commit_message: defaults to `"Upload <folder name> (<n> files)"`.
         token: defaults to the saved login / `HF_TOKEN`. endpoint: defaults to `HF_ENDPOINT` / huggingface.co.
+        exclude: glob patterns of top-level entries not to upload (see `files_to_upload`).
     Returns:
         `huggingface_hub.CommitInfo` (`.commit_url`, `.oid`).
     Raises:
@@ -80,7 +87,7 @@ def push_folder_to_hub(
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a directory; write the model there first (save_pretrained).")
-    paths = files_to_upload(folder)
+    paths = files_to_upload(folder, exclude)
     if not paths:
         raise ValueError(f"{folder} holds no files to upload.")
     if "README.md" not in paths:

@@ -947,33 +947,49 @@ def save_checkpoint(
 # Hub
 
 
-def push_folder_to_hub(folder: str, repo_id: str | None, token: str | None = None, private: bool = False) -> str:
-    """Create (if needed) the model repo and upload `folder` (checkpoints excluded). Returns the repo URL."""
-    from huggingface_hub import create_repo, upload_folder
-    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+def _hub_id_or_none(name: str | None) -> str | None:
+    """`name` when it looks like a Hub repo id rather than a local path (card metadata wants Hub ids only)."""
+    if not name or os.path.exists(name) or name.count("/") != 1:
+        return None
+    return name
 
-    repo_id = repo_id or Path(folder).resolve().name
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        raise RuntimeError(
-            f"--push_to_hub: HF_HUB_OFFLINE is set, so nothing can be uploaded. The model is in {folder}; upload it "
-            f"later with `hf upload {repo_id} {folder}`."
-        )
-    try:
-        url = create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
-        upload_folder(
-            repo_id=url.repo_id, folder_path=folder, token=token, commit_message="Upload I-JEPA pretraining run",
-            ignore_patterns=[f"{CHECKPOINT_PREFIX}*", ".tmp-*", ".old-*"],
-        )
-    except LocalTokenNotFoundError as err:
-        raise RuntimeError(
-            "--push_to_hub: no Hub token. Log in with `hf auth login`, set HF_TOKEN, or pass --hub_token."
-        ) from err
-    except (HfHubHTTPError, ConnectionError, OSError) as err:
-        raise RuntimeError(
-            f"--push_to_hub to {repo_id!r} failed ({type(err).__name__}: {err}). Check the token's write access and "
-            f"the network; the model stays in {folder}."
-        ) from err
-    return str(url)
+
+def write_model_card(output_dir: Path, config, model_args, data_args, args, results: dict, lr_rule: str) -> Path:
+    """Write `output_dir/README.md`: a pretraining model card filled with this run's facts."""
+    from modeling_ijepa.cards import PROJECT_LICENSE, Provenance, TrainingFacts, pretraining_card, save_card
+
+    training = TrainingFacts(
+        dataset=f"{data_args.dataset_name} (split {data_args.train_split})",
+        dataset_id=_hub_id_or_none(data_args.dataset_name),
+        steps=results["global_step"],
+        batch_size=results["global_batch_size"],
+        recipe=(
+            f"AdamW, {lr_rule}; weight decay cosine {args.weight_decay} -> {args.final_weight_decay}; EMA "
+            f"{args.ema_momentum_start} -> {args.ema_momentum_end}; multi-block masks "
+            f"({config.num_target_blocks} targets of scale {tuple(config.target_block_scale)}, context scale "
+            f"{tuple(config.context_block_scale)}); {config.loss_type} loss on layer-normed targets; "
+            f"precision {args.mixed_precision or 'no'}"
+        ),
+        final_loss=results["final_loss"],
+        hardware=f"{results['world_size']} process(es)",
+    )
+    provenance = Provenance(source="trained with scripts/pretrain.py of modeling-ijepa", license=PROJECT_LICENSE,
+                            base_model=_hub_id_or_none(model_args.model_name_or_path))
+    card = pretraining_card(config, provenance=provenance, training=training, repo_id=args.hub_model_id)
+    return save_card(card, output_dir)
+
+
+def push_run_to_hub(output_dir: Path, args) -> str:
+    """Upload the run's model directory (resumable `checkpoint-*` states excluded) in one commit."""
+    from modeling_ijepa.hub import push_folder_to_hub
+
+    repo_id = args.hub_model_id or output_dir.resolve().name
+    info = push_folder_to_hub(
+        output_dir, repo_id, private=args.hub_private_repo or None, token=args.hub_token,
+        commit_message="Upload I-JEPA pretraining run",
+        exclude=(f"{CHECKPOINT_PREFIX}*", f"{TMP_CHECKPOINT_PREFIX}*", ".old-*", "runs"),
+    )
+    return info.commit_url
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1329,8 +1345,12 @@ def main(argv: list[str] | None = None) -> dict:
         )
         logger.error(message)
         raise SystemExit(message)
+    if accelerator.is_main_process:
+        write_model_card(
+            output_dir, accelerator.unwrap_model(model).config, model_args, data_args, args, results, lr_rule
+        )
     if args.push_to_hub and accelerator.is_main_process:
-        url = push_folder_to_hub(str(output_dir), args.hub_model_id, args.hub_token, args.hub_private_repo)
+        url = push_run_to_hub(output_dir, args)
         logger.info("Pushed to %s", url)
     if accelerator.is_main_process:
         print(

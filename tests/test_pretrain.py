@@ -401,34 +401,47 @@ def test_checkpoints__temporary_folders_never_count_as_complete(tmp_path):
 
 
 def test_push_to_hub__offline_gives_clear_error(tmp_path, monkeypatch):
+    from modeling_ijepa.hub import HubUploadError
+
+    (tmp_path / "config.json").write_text("{}")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE.*hf upload"):
-        pretrain.push_folder_to_hub(str(tmp_path), "me/ijepa-test")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    args = pretrain.PretrainingArguments(output_dir=str(tmp_path), hub_model_id="me/ijepa-test")
+    with pytest.raises(HubUploadError, match="(?s)offline mode.*push_to_hub.py"):
+        pretrain.push_run_to_hub(tmp_path, args)
+    assert (tmp_path / "config.json").read_text() == "{}"  # nothing local is lost
 
 
-def test_push_to_hub__no_token_error_and_upload_without_checkpoints(tmp_path, monkeypatch):
-    import huggingface_hub
-    from huggingface_hub.errors import LocalTokenNotFoundError
+def test_push_to_hub__uploads_model_files_but_not_checkpoints(tmp_path, monkeypatch):
+    import modeling_ijepa.hub as hub
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    for name in ("config.json", "model.safetensors", "README.md", "checkpoint-3/optimizer.bin", ".tmp-checkpoint-4/x"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    sent = {}
 
-    def no_token(*args, **kwargs):
-        raise LocalTokenNotFoundError("Token is required")
+    class FakeApi:
+        def __init__(self, endpoint=None, token=None):
+            self.endpoint = endpoint
 
-    monkeypatch.setattr(huggingface_hub, "create_repo", no_token)
-    with pytest.raises(RuntimeError, match="hf auth login"):
-        pretrain.push_folder_to_hub(str(tmp_path), "me/ijepa-test")
+        def create_repo(self, repo_id, **kwargs):
+            sent["private"] = kwargs["private"]
+            return f"https://hf.co/{repo_id}"
 
-    calls = {}
+        def create_commit(self, repo_id, operations, **kwargs):
+            sent["files"] = sorted(op.path_in_repo for op in operations)
 
-    class Url(str):
-        repo_id = "me/ijepa-test"
+            class Info:
+                commit_url = f"https://hf.co/{repo_id}/commit/1"
 
-    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: calls.update(create=(repo_id, kw)) or Url("https://hf.co/me/ijepa-test"))
-    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.update(upload=kw))
-    assert pretrain.push_folder_to_hub(str(tmp_path), "me/ijepa-test", private=True) == "https://hf.co/me/ijepa-test"
-    assert calls["create"][1]["private"] is True and calls["upload"]["repo_id"] == "me/ijepa-test"
-    assert "checkpoint-*" in calls["upload"]["ignore_patterns"]
+            return Info()
+
+    monkeypatch.setattr(hub.constants, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(hub, "HfApi", FakeApi)
+    args = pretrain.PretrainingArguments(output_dir=str(tmp_path), hub_model_id="me/ijepa-test", hub_token="hf_x",
+                                         hub_private_repo=True)
+    assert pretrain.push_run_to_hub(tmp_path, args) == "https://hf.co/me/ijepa-test/commit/1"
+    assert sent == {"private": True, "files": ["README.md", "config.json", "model.safetensors"]}
 
 
 def test_world_size_check__refuses_independent_processes(monkeypatch):

@@ -133,6 +133,24 @@ def _block_masks(settings, top, left, block_h, block_w):
     return in_rows[..., :, None] & in_cols[..., None, :]  # (..., H, W)
 
 
+def _box_counts(regions, level, top, left, block_h, block_w):
+    """How many True entries of `regions[b, level]` `(B, L, H, W)` each block `[top:top+h, left:left+w]` covers.
+
+    `level`, `top`, `left` share one shape `(B, ...)`; returns that shape. Uses a summed-area table per region.
+    """
+    batch, levels, height, width = regions.shape
+    table = torch.zeros(batch, levels, height + 1, width + 1, dtype=torch.int32)
+    table[:, :, 1:, 1:] = regions.to(torch.int32).cumsum(2).cumsum(3)
+    table = table.reshape(batch, -1)
+    base = level * ((height + 1) * (width + 1))
+    bottom, right = top + block_h, left + block_w  # exclusive ends, inside the grid
+
+    def at(row, col):
+        return table.gather(1, (base + row * (width + 1) + col).reshape(batch, -1)).reshape(level.shape)
+
+    return at(bottom, right) - at(top, right) - at(bottom, left) + at(top, left)
+
+
 def _truncate(masks: torch.Tensor, keep: int, settings, generator) -> torch.Tensor:
     """Indices `(batch, keep)` of the True entries of `masks` `(batch, N)`, every row holding at least `keep`.
 
@@ -140,11 +158,11 @@ def _truncate(masks: torch.Tensor, keep: int, settings, generator) -> torch.Tens
     indices, returned in raster order.
     """
     batch, num = masks.shape
-    positions = torch.arange(num).expand(batch, num)
     if settings.official:
-        priority = positions.to(torch.float32)
-    else:
-        priority = torch.rand(batch, num, generator=generator)
+        # The first `keep` True entries of each row: a running count picks them, `nonzero` lists them row by row.
+        first = masks & (masks.cumsum(dim=1) <= keep)
+        return first.nonzero()[:, 1].reshape(batch, keep)
+    priority = torch.rand(batch, num, generator=generator)
     # Unselected entries sort last.
     priority = torch.where(masks, priority, torch.full_like(priority, float("inf")))
     chosen = priority.argsort(dim=1)[:, :keep]
@@ -206,11 +224,10 @@ def sample_masks(
     # Draw every candidate the official loop could need at once: (B, C, levels * DRAWS) corners.
     draws = levels * DRAWS_PER_RELAX_LEVEL
     c_top, c_left = _draw_corners(settings, context_h, context_w, (batch_size, num_contexts, draws), generator)
-    candidates = _block_masks(settings, c_top, c_left, context_h, context_w)  # (B, C, D, H, W)
-    level_of_draw = torch.arange(draws) // DRAWS_PER_RELAX_LEVEL  # (D,)
-    region = allowed[:, None, level_of_draw]  # (B, 1, D, H, W)
-    constrained = candidates & region
-    counts = constrained.flatten(-2).sum(-1)  # (B, C, D)
+    level_of_draw = (torch.arange(draws) // DRAWS_PER_RELAX_LEVEL).expand(batch_size, num_contexts, draws)  # (B, C, D)
+    # Patches each candidate keeps inside its level's region, read from summed-area tables of the regions (four
+    # look-ups per candidate) instead of materialising (B, C, D, H, W) candidate masks.
+    counts = _box_counts(allowed, level_of_draw, c_top, c_left, context_h, context_w)  # (B, C, D)
     valid = counts > settings.min_keep
     # The last level has no constraint and the block holds > min_keep patches, so a valid draw always exists.
     first_valid = valid.to(torch.int8).argmax(dim=-1)  # (B, C)
@@ -221,8 +238,11 @@ def sample_masks(
             "were removed); their context overlaps some target blocks, as in the official sampler.",
             relaxed_samples, batch_size,
         )
-    index = first_valid[..., None, None, None].expand(-1, -1, 1, height, width)
-    context_blocks = constrained.gather(2, index).squeeze(2)  # (B, C, H, W)
+    chosen = first_valid[..., None]  # (B, C, 1)
+    chosen_top, chosen_left = c_top.gather(2, chosen).squeeze(2), c_left.gather(2, chosen).squeeze(2)  # (B, C)
+    chosen_level = level_of_draw.gather(2, chosen).squeeze(2)  # (B, C)
+    chosen_region = allowed[torch.arange(batch_size)[:, None], chosen_level]  # (B, C, H, W)
+    context_blocks = _block_masks(settings, chosen_top, chosen_left, context_h, context_w) & chosen_region
 
     target_flat = target_blocks.flatten(-2)  # (B, T, N)
     context_flat = context_blocks.flatten(-2)  # (B, C, N)

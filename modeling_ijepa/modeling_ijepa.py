@@ -135,9 +135,18 @@ def tag_residual_projections(layers: nn.ModuleList) -> None:
 
 
 def validate_masks(
-    masks: list[torch.Tensor], batch_size: int, num_patches: int, name: str, expected_blocks: int | None = None
+    masks: list[torch.Tensor],
+    batch_size: int,
+    num_patches: int,
+    name: str,
+    expected_blocks: int | None = None,
+    check_values: bool = True,
 ) -> None:
-    """Raise a clear error for malformed masks (wrong batch, empty, out of range, wrong count)."""
+    """Raise a clear error for malformed masks (wrong batch, empty, out of range, wrong count).
+
+    Shape and dtype checks are free; the index-range check reads values back (`int(mask.min())`), which is a
+    device sync on GPU and a graph break under `torch.compile`: `check_values=False` skips it.
+    """
     if len(masks) == 0:
         raise ValueError(f"{name} is an empty list; pass one LongTensor (batch, kept_patches) per block.")
     if expected_blocks is not None and len(masks) != expected_blocks:
@@ -158,12 +167,21 @@ def validate_masks(
             )
         if mask.size(1) == 0:
             raise ValueError(f"{name}[{index}] keeps no patch; every block must keep at least one patch.")
+        if not check_values:
+            continue
         low, high = int(mask.min()), int(mask.max())
         if low < 0 or high >= num_patches:
             raise ValueError(
                 f"{name}[{index}] holds patch indices in [{low}, {high}] but the grid has {num_patches} patches "
                 f"(valid indices 0..{num_patches - 1})."
             )
+
+
+def value_checks_enabled(module: nn.Module) -> bool:
+    """Whether forward should run the mask checks that read tensor values (see `validate_masks`): on unless the
+    module's `check_mask_values` is False (fast training loops) or `torch.compile` is tracing (they would break the
+    graph)."""
+    return getattr(module, "check_mask_values", True) and not torch.compiler.is_compiling()
 
 
 def check_no_overlap(context_mask: list[torch.Tensor], target_mask: list[torch.Tensor], num_patches: int) -> None:
@@ -226,6 +244,10 @@ class IJepaPreTrainedModel(TransformersIJepaPreTrainedModel):
     config: IJepaConfig
     base_model_prefix = "ijepa"
     _no_split_modules = ["IJepaEmbeddings", "IJepaLayer"]
+    # Mask checks that read tensor values (index range, context/target overlap) run in eager forward unless this is
+    # set to False on the instance: each is a GPU->CPU sync, worth skipping in a training loop fed by
+    # `IJepaMaskCollator`. They are always skipped under `torch.compile` (see `value_checks_enabled`).
+    check_mask_values: bool = True
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -324,7 +346,8 @@ class IJepaModel(IJepaPreTrainedModel):
         hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
         masks = as_mask_list(context_mask)
         if masks is not None:
-            validate_masks(masks, pixel_values.size(0), hidden_states.size(1), "context_mask")
+            check_values = value_checks_enabled(self)
+            validate_masks(masks, pixel_values.size(0), hidden_states.size(1), "context_mask", check_values=check_values)
             hidden_states = gather_patches(hidden_states, masks)  # (M * B, kept, D)
         for layer in self.layers:
             hidden_states = layer(hidden_states, None, **kwargs)
@@ -406,6 +429,7 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
     def __init__(self, config: IJepaConfig):
         super().__init__(config)
         self.context_encoder = IJepaModel(config)
+        self.context_encoder.check_mask_values = False  # forward checks the masks once, before calling it
         self.predictor = IJepaPredictor(config)
         self.ijepa = IJepaModel(config)
         self.ijepa.requires_grad_(False)
@@ -522,11 +546,17 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         if interpolate_pos_encoding:
             patch_h, patch_w = self.config.patch_size_hw
             num_patches = (pixel_values.size(2) // patch_h) * (pixel_values.size(3) // patch_w)
-        validate_masks(context_mask, batch_size, num_patches, "context_mask")
-        validate_masks(target_mask, batch_size, num_patches, "target_mask")
-        if not self.config.allow_overlap:
+        check_values = value_checks_enabled(self)
+        validate_masks(context_mask, batch_size, num_patches, "context_mask", check_values=check_values)
+        validate_masks(target_mask, batch_size, num_patches, "target_mask", check_values=check_values)
+        if check_values and not self.config.allow_overlap:
             check_no_overlap(context_mask, target_mask, num_patches)
 
+        # Targets first, as the official step does: the target encoder's no-grad working memory is freed before the
+        # context encoder and predictor start holding activations for backward (lower peak, same numbers).
+        targets = self.compute_targets(
+            pixel_values, target_mask, len(context_mask), interpolate_pos_encoding=interpolate_pos_encoding
+        )
         context_outputs = self.context_encoder(
             pixel_values,
             context_mask=context_mask,
@@ -536,9 +566,6 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         )
         context_hidden_states = context_outputs.last_hidden_state  # (C*B, Kc, D)
         predicted = self.predictor(context_hidden_states, context_mask, target_mask)  # (T*C*B, Kt, D)
-        targets = self.compute_targets(
-            pixel_values, target_mask, len(context_mask), interpolate_pos_encoding=interpolate_pos_encoding
-        )
         if self.config.loss_type == "smooth_l1":
             loss = F.smooth_l1_loss(predicted, targets.to(predicted.dtype))
         else:

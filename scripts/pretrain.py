@@ -487,7 +487,7 @@ def build_model(model_args: ModelArguments, config):
             logger.info("Checkpoint has no context encoder: copying its encoder into the context encoder.")
             model.context_encoder.load_state_dict(model.ijepa.state_dict())
     if model_args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     if model_args.torch_compile:
         # Module.compile() compiles in place and keeps parameter names (checkpoints stay loadable).
         for part in (model.context_encoder, model.predictor, model.ijepa):

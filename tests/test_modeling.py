@@ -544,7 +544,9 @@ def test_gradient_checkpointing_gives_same_gradients():
     plain = IJepaForPreTraining(config).train()
     checkpointed = IJepaForPreTraining(config).train()
     checkpointed.load_state_dict(plain.state_dict())
-    checkpointed.gradient_checkpointing_enable()
+    checkpointed.activation_checkpointing_enable()
+    layers = list(checkpointed.context_encoder.layers) + list(checkpointed.predictor.layers)
+    assert all(layer.gradient_checkpointing for layer in layers)
     context_mask, target_mask = masks_for(config)
     for model in (plain, checkpointed):
         model(images(), context_mask=context_mask, target_mask=target_mask).loss.backward()

@@ -25,13 +25,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Small L2 sweep (weight decay on the mean cross-entropy); the ends were chosen so that 128-1024-d standardised
-# features over-fit at the low end and under-fit at the high end on ~10k training images.
-DEFAULT_WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
+# Small L2 sweep (weight decay on the mean cross-entropy). On 10k Fashion-MNIST images, 128-d encoder features picked
+# 1e-5 / 1e-4 and 784-d raw pixels 1e-2, the top of an earlier 1e-6..1e-2 sweep; 1e-1 was added so that no probe
+# sits at the edge.
+DEFAULT_WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 # Fraction of the training features held out to pick the weight decay.
 DEFAULT_VALIDATION_FRACTION = 0.2
-# Full-batch L-BFGS converges on these convex problems in a few hundred iterations.
-DEFAULT_LBFGS_STEPS = 300
+# Full-batch L-BFGS iterations. On raw Fashion-MNIST pixels (5k train / 2k test) 100 iterations score 83.25% and
+# 300 score 83.65%, at a third of the time; raise `lbfgs_steps` for the last few tenths of a point.
+DEFAULT_LBFGS_STEPS = 100
 DEFAULT_SGD_EPOCHS = 100
 DEFAULT_SGD_BATCH_SIZE = 256
 DEFAULT_SGD_LEARNING_RATE = 0.1

@@ -1,0 +1,156 @@
+"""The frozen linear probe: the classifier fit and its regularisation sweep, pooled multi-layer features, and
+scripts/linear_probe.py on small local datasets (map-style and streaming) whose classes are separable."""
+
+import importlib.util
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modeling_ijepa import IJepaModel, ijepa_config_from_preset
+from modeling_ijepa.evaluation import ProbeSettings, Standardizer, extract_features, linear_probe, pooled_features
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny matrices: with several threads torch mostly waits on thread synchronisation, badly so on a shared CPU.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses with postponed annotations look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_encoder(num_channels=3):
+    config = ijepa_config_from_preset(
+        "tiny-cpu", hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+        pred_hidden_size=16, pred_num_hidden_layers=1, pred_num_attention_heads=4, num_channels=num_channels,
+    )
+    torch.manual_seed(0)
+    return IJepaModel(config).eval()
+
+
+def blobs(num_per_class, num_classes=4, dim=16, spread=0.3, seed=0):
+    # Same class centers for every seed; the seed only changes the samples.
+    centers = 3 * torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(1234))
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num_classes).repeat_interleave(num_per_class)
+    return centers[labels] + spread * torch.randn(len(labels), dim, generator=generator), labels
+
+
+@pytest.mark.parametrize("method", ["lbfgs", "sgd"])
+def test_linear_probe__separable_blobs_reach_100_percent(method):
+    train_x, train_y = blobs(50)
+    test_x, test_y = blobs(20, seed=1)
+    settings = ProbeSettings(method=method, weight_decays=(1e-4, 1e-2), sgd_epochs=20)
+    result = linear_probe(train_x, train_y, test_x, test_y, settings=settings)
+    assert result.test_accuracy == 1.0
+    assert result.num_classes == 4 and result.num_train == 200 and result.num_test == 80 and result.feature_dim == 16
+    assert set(result.validation_accuracy) == {"0.0001", "0.01"}
+
+
+def test_linear_probe__sweep_picks_the_decay_best_on_held_out_train():
+    # Few, noisy, high-dimensional examples: a strong decay generalises better than none, and the sweep sees it.
+    train_x, train_y = blobs(10, num_classes=2, dim=200, spread=6.0)
+    test_x, test_y = blobs(200, num_classes=2, dim=200, spread=6.0, seed=1)
+    result = linear_probe(train_x, train_y, test_x, test_y, settings=ProbeSettings(weight_decays=(0.0, 10.0)))
+    accuracies = result.validation_accuracy
+    assert result.best_weight_decay == max((0.0, 10.0), key=lambda wd: (accuracies[str(wd)], wd))
+
+
+def test_standardizer__zero_mean_unit_std_and_constant_features_stay_finite():
+    features = torch.cat([torch.randn(100, 3) * 5 + 2, torch.ones(100, 1)], dim=1)
+    scaled = Standardizer.fit(features)(features)
+    torch.testing.assert_close(scaled[:, :3].mean(0), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(scaled[:, :3].std(0), torch.ones(3), atol=1e-5, rtol=0)
+    assert torch.equal(scaled[:, 3], torch.zeros(100))
+
+
+def test_pooled_features__concatenates_last_layers_deepest_first():
+    encoder = tiny_encoder()
+    pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    outputs = encoder(pixel_values, output_hidden_states=True)
+    features = pooled_features(encoder, pixel_values, num_layers=3)
+    assert features.shape == (2, 3 * 32)
+    torch.testing.assert_close(features[:, :32], outputs.pooler_output)
+    torch.testing.assert_close(features[:, 32:64], outputs.hidden_states[2].mean(1))  # layer 2 of 3
+    torch.testing.assert_close(features[:, 64:], outputs.hidden_states[1].mean(1))  # layer 1 of 3
+    torch.testing.assert_close(pooled_features(encoder, pixel_values), outputs.pooler_output)
+    with pytest.raises(ValueError, match="at most 3"):
+        pooled_features(encoder, pixel_values, num_layers=4)
+
+
+def test_extract_features__batched_equals_one_batch():
+    encoder = tiny_encoder()
+    pixel_values = torch.randn(10, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(10)
+    batched, batched_labels = extract_features(encoder, [(pixel_values[:4], labels[:4]), (pixel_values[4:], labels[4:])])
+    whole, _ = extract_features(encoder, [{"pixel_values": pixel_values}])
+    torch.testing.assert_close(batched, whole, atol=1e-5, rtol=1e-5)
+    assert torch.equal(batched_labels, labels)
+
+
+# Three classes of 24x24 images a frozen random encoder separates: dark, mid-gray and bright, with noise, saved in
+# mixed PIL modes (RGB, L).
+LEVELS = {"dark": 30, "mid": 128, "bright": 225}
+
+
+@pytest.fixture(scope="module")
+def separable_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("separable")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 20), ("test", 10)):
+        for name, level in LEVELS.items():
+            os.makedirs(root / split / name)
+            for index in range(count):
+                pixels = np.clip(level + rng.normal(0, 12, (24, 24, 3)), 0, 255).astype(np.uint8)
+                image = Image.fromarray(pixels, mode="RGB")
+                (image if index % 2 else image.convert("L")).save(root / split / name / f"{index}.png")
+    encoder_dir = root / "encoder"
+    tiny_encoder().save_pretrained(encoder_dir)
+    return root
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_linear_probe_script__separable_dataset_reaches_100_percent(separable_dataset, tmp_path, streaming):
+    script = load_script("linear_probe")
+    output_file = tmp_path / "probe.json"
+    argv = [
+        "--model_name_or_path", str(separable_dataset / "encoder"), "--dataset_name", str(separable_dataset),
+        "--batch_size", "16", "--num_layers", "2", "--output_file", str(output_file),
+        "--weight_decays", "1e-4", "1e-2",
+    ] + (["--streaming"] if streaming else [])
+    result = script.main(argv)
+    assert result["test_accuracy"] == 1.0
+    assert result["num_train"] == 60 and result["num_test"] == 30 and result["num_classes"] == 3
+    assert result["feature_dim"] == 2 * 32
+    assert json.loads(output_file.read_text())["test_accuracy"] == 1.0
+
+
+def test_linear_probe_script__raw_pixels_baseline(separable_dataset):
+    script = load_script("linear_probe")
+    result = script.main([
+        "--raw_pixels", "--image_size", "8", "--dataset_name", str(separable_dataset), "--max_train_samples", "45",
+        "--max_test_samples", "30",
+    ])
+    assert result["model"] == "raw_pixels" and result["feature_dim"] == 8 * 8
+    assert result["num_train"] == 45 and result["test_accuracy"] == 1.0
+
+
+def test_linear_probe_script__needs_exactly_one_source(separable_dataset):
+    script = load_script("linear_probe")
+    with pytest.raises(ValueError, match="exactly one"):
+        script.main(["--dataset_name", str(separable_dataset)])

@@ -276,7 +276,9 @@ class IJepaMaskCollator:
     Call it on a list of examples `{"pixel_values": (C, H, W) tensor, "labels"?: int}`; returns
     `{"pixel_values": (B, C, H, W), "context_mask": [LongTensor(B, Kc)] * num_context_blocks,
     "target_mask": [LongTensor(B, Kt)] * num_target_blocks}` plus `labels` when present: the keys are the arguments
-    of `IJepaForPreTraining.forward`.
+    of `IJepaForPreTraining.forward`. In the rare batches where the official retry-then-relax step fired (the
+    context then overlaps some targets, as in the official sampler), the batch also holds `"allow_overlap": True`,
+    also a forward argument, so that `model(**batch)` accepts it.
     """
 
     def __init__(self, config, seed: int = 0, rank: int | None = None, **overrides):
@@ -319,6 +321,10 @@ class IJepaMaskCollator:
         pixel_values = torch.stack([torch.as_tensor(example["pixel_values"]) for example in examples])
         context_mask, target_mask = self.sample(len(examples))
         batch = {"pixel_values": pixel_values, "context_mask": context_mask, "target_mask": target_mask}
+        if self.last_stats.get("relaxed_samples", 0) and not self.settings.allow_overlap:
+            # The official relax step let some contexts overlap their targets: tell the model this batch is
+            # legitimate (its forward otherwise rejects overlap while config.allow_overlap is False).
+            batch["allow_overlap"] = True
         if "labels" in examples[0]:
             batch["labels"] = torch.as_tensor([example["labels"] for example in examples])
         return batch

@@ -196,9 +196,8 @@ def check_no_overlap(context_mask: list[torch.Tensor], target_mask: list[torch.T
             sample = int(overlap.any(dim=1).nonzero()[0])
             raise ValueError(
                 f"target_mask[{index}] overlaps the context for sample {sample} while config.allow_overlap is False. "
-                "Remove the target patches from the context, or set allow_overlap=True. (IJepaMaskCollator only "
-                "produces overlap when its official retry-then-relax step fires: raise context_block_scale or lower "
-                "target_block_scale/min_keep so it never needs to.)"
+                "Remove the target patches from the context, or set allow_overlap=True (in the config, or as a forward "
+                "argument for one call)."
             )
 
 
@@ -518,6 +517,7 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
         generator: torch.Generator | None = None,
+        allow_overlap: bool | None = None,
         **kwargs,
     ) -> IJepaForPreTrainingOutput | tuple:
         r"""
@@ -527,6 +527,8 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
             target_mask (list of T LongTensors `(B, Kt)`, *optional*): target patches. When both masks are absent they
                 are sampled with the config's multi-block sampler (using `generator` if given).
             generator (`torch.Generator`, *optional*): randomness for sampled masks.
+            allow_overlap (`bool`, *optional*): overrides `config.allow_overlap` for this call (the mask collator sets
+                it for batches in which the official relax step let a context overlap its targets).
 
         Returns:
             `IJepaForPreTrainingOutput` (see its docstring for shapes).
@@ -549,7 +551,8 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         check_values = value_checks_enabled(self)
         validate_masks(context_mask, batch_size, num_patches, "context_mask", check_values=check_values)
         validate_masks(target_mask, batch_size, num_patches, "target_mask", check_values=check_values)
-        if check_values and not self.config.allow_overlap:
+        allow_overlap = self.config.allow_overlap if allow_overlap is None else allow_overlap
+        if check_values and not allow_overlap:
             check_no_overlap(context_mask, target_mask, num_patches)
 
         # Targets first, as the official step does: the target encoder's no-grad working memory is freed before the

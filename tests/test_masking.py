@@ -285,3 +285,28 @@ def test_relax_loop_engages_and_terminates():
         relaxed += stats["relaxed_samples"]
         assert context_mask[0].size(1) > 10
     assert relaxed > 0
+
+
+def test_relaxed_batches_are_accepted_by_the_model_user_overlap_is_not():
+    """The official relax step makes contexts overlap targets; the collator flags those batches so the model accepts
+    them, while hand-made overlapping masks are still rejected."""
+    from modeling_ijepa import IJepaForPreTraining
+
+    config = ijepa_config_from_preset(
+        "tiny-cpu", hidden_size=16, num_hidden_layers=1, intermediate_size=32, pred_hidden_size=8,
+        pred_num_hidden_layers=1, num_attention_heads=2, pred_num_attention_heads=2,
+        target_block_scale=(0.25, 0.35),
+    )
+    model = IJepaForPreTraining(config).eval()
+    collator = IJepaMaskCollator(config, seed=0)
+    flagged = 0
+    for _ in range(10):
+        batch = collator(examples(16))
+        flagged += batch.get("allow_overlap", False)
+        assert ("allow_overlap" in batch) == (collator.last_stats["relaxed_samples"] > 0)
+        assert torch.isfinite(model(**batch).loss)
+    assert flagged > 0
+    batch.pop("allow_overlap", None)
+    batch["target_mask"] = [batch["context_mask"][0][:, :4]] * config.num_target_blocks
+    with pytest.raises(ValueError, match="overlaps the context"):
+        model(**batch)

@@ -1,14 +1,13 @@
 """scripts/benchmark_learning.py on a tiny budget: Fashion-MNIST export, pretraining through scripts/pretrain.py,
 the three probes and the table (the full benchmark is a script, not a test)."""
 
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from script_loading import load_script
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -31,12 +30,6 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses with postponed annotations look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from facebookresearch/ijepa `src/models/vision_transformer.py` (independently of
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from PIL import Image
 
 from modeling_ijepa import IJepaForPreTraining
 from modeling_ijepa import convert_official as conv
+from script_loading import load_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,12 +96,6 @@ def official_checkpoint(ddp_prefix: bool, seed: int = 0) -> dict:
     return checkpoint
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

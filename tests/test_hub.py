@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -36,6 +35,7 @@ from modeling_ijepa.cards import (
     save_card,
 )
 from modeling_ijepa.hub import HubUploadError, files_to_upload, push_folder_to_hub
+from script_loading import load_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_test_token_for_the_fake_hub"
@@ -264,12 +264,6 @@ def test_push_folder_to_hub__invalid_card_metadata_is_refused_before_upload(hub,
     assert hub.commits == [] and hub.preuploads == []
 
 
-def load_script_module(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_script(args: list[str], env_updates: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
@@ -296,7 +290,7 @@ def test_push_to_hub_script__uploads_through_hf_endpoint(hub, tmp_path):
 def test_push_to_hub_script__offline_exits_with_advice_and_no_traceback(hub, tmp_path, monkeypatch, capsys):
     make_folder(tmp_path / "run")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    script = load_script_module("push_to_hub")
+    script = load_script("push_to_hub")
     with pytest.raises(SystemExit) as exit_info:
         script.main([str(tmp_path / "run"), "--repo_id", "someone/from-cli"])
     assert exit_info.value.code == 2
@@ -310,7 +304,7 @@ def test_convert_script_push_to_hub__uploads_pretraining_and_encoder_dirs(hub, t
     """The conversion script's --push_to_hub: both directories, one commit each, after they were written."""
     sys.path.insert(0, str(REPO_ROOT / "tests"))
     try:
-        from test_conversion import HEADS, load_script, official_checkpoint
+        from test_conversion import HEADS, official_checkpoint
     finally:
         sys.path.remove(str(REPO_ROOT / "tests"))
     import torch

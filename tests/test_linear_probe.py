@@ -1,10 +1,8 @@
 """The frozen linear probe: the classifier fit and its regularisation sweep, pooled multi-layer features, and
 scripts/linear_probe.py on small local datasets (map-style and streaming) whose classes are separable."""
 
-import importlib.util
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ from PIL import Image
 
 from modeling_ijepa import IJepaModel, ijepa_config_from_preset
 from modeling_ijepa.evaluation import ProbeSettings, Standardizer, extract_features, linear_probe, pooled_features
+from script_loading import load_script
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -26,12 +25,6 @@ def one_thread():
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses with postponed annotations look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny_encoder(num_channels=3):

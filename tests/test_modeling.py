@@ -1,7 +1,6 @@
 """Core models: shapes, save/load, Auto classes, parity with transformers' IJepaModel, predictor/loss/EMA against
 plain re-computations, learning on a fixed batch, and clear errors for bad input."""
 
-import json
 import os
 import subprocess
 import sys
@@ -9,7 +8,6 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
 from safetensors import safe_open
 

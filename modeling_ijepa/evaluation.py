@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers import ViTImageProcessor
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 # Small L2 sweep (weight decay on the mean cross-entropy). On 10k Fashion-MNIST images, 128-d encoder features picked
 # 1e-5 / 1e-4 and 784-d raw pixels 1e-2, the top of an earlier 1e-6..1e-2 sweep; 1e-1 was added so that no probe
@@ -39,6 +41,22 @@ DEFAULT_SGD_BATCH_SIZE = 256
 DEFAULT_SGD_LEARNING_RATE = 0.1
 # Guard against constant features (e.g. always-black border pixels) when standardising.
 STD_EPS = 1e-6
+
+
+def default_image_processor(image_size: int | Sequence[int], num_channels: int = 3) -> ViTImageProcessor:
+    """A ViT-style processor for checkpoints saved without one (e.g. pretraining directories): resize to
+    `image_size`, rescale to [0, 1], normalise with ImageNet mean/std (the statistics I-JEPA pretraining uses);
+    single-channel models get the channel average of those statistics."""
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    mean, std = list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
+    if num_channels == 1:
+        mean, std = [sum(mean) / len(mean)], [sum(std) / len(std)]
+    elif num_channels != 3:
+        raise ValueError(
+            f"No image processor and {num_channels} input channels: pass an image processor whose image_mean/"
+            "image_std match them."
+        )
+    return ViTImageProcessor(size={"height": int(height), "width": int(width)}, image_mean=mean, image_std=std)
 
 
 @torch.no_grad()

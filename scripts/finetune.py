@@ -46,13 +46,12 @@ from transformers import (
     HfArgumentParser,
     Trainer,
     TrainingArguments,
-    ViTImageProcessor,
     set_seed,
 )
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.trainer_utils import get_last_checkpoint
 
 import modeling_ijepa  # noqa: F401  (registers the I-JEPA classes with the Auto classes)
+from modeling_ijepa.evaluation import default_image_processor
 
 logger = logging.getLogger(__name__)
 
@@ -163,22 +162,6 @@ def class_names(dataset: datasets.DatasetDict, label_column: str) -> tuple[datas
     return dataset, names
 
 
-def default_image_processor(config) -> ViTImageProcessor:
-    """A ViT-style processor for checkpoints saved without one (e.g. pretraining directories): resize to the
-    config's `image_size`, rescale to [0, 1], normalise with ImageNet mean/std (the statistics I-JEPA pretraining
-    uses); single-channel models get the channel average of those statistics."""
-    height, width = (config.image_size, config.image_size) if isinstance(config.image_size, int) else config.image_size
-    mean, std = list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
-    if config.num_channels == 1:
-        mean, std = [float(np.mean(mean))], [float(np.mean(std))]
-    elif config.num_channels != 3:
-        raise ValueError(
-            f"The checkpoint has no image processor and {config.num_channels} input channels; pass "
-            "--image_processor_name with matching image_mean/image_std."
-        )
-    return ViTImageProcessor(size={"height": int(height), "width": int(width)}, image_mean=mean, image_std=std)
-
-
 def load_image_processor(model_args: ModelArguments, config):
     name = model_args.image_processor_name or model_args.model_name_or_path
     try:
@@ -188,7 +171,7 @@ def load_image_processor(model_args: ModelArguments, config):
     except OSError:
         if model_args.image_processor_name is not None:
             raise
-        processor = default_image_processor(config)
+        processor = default_image_processor(config.image_size, config.num_channels)
         logger.warning(
             "%s has no image processor (preprocessor_config.json); using a default ViT processor: %dx%d, mean %s, "
             "std %s. It is saved with the fine-tuned model.",

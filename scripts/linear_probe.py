@@ -28,10 +28,16 @@ from dataclasses import asdict, dataclass, field
 import torch
 from datasets import ClassLabel, load_dataset
 from torchvision import transforms
-from transformers import AutoImageProcessor, AutoModel, HfArgumentParser, ViTImageProcessor
+from transformers import AutoImageProcessor, AutoModel, HfArgumentParser
 
 import modeling_ijepa  # noqa: F401  (registers the I-JEPA classes with the Auto classes)
-from modeling_ijepa.evaluation import DEFAULT_WEIGHT_DECAYS, ProbeSettings, extract_features, linear_probe
+from modeling_ijepa.evaluation import (
+    DEFAULT_WEIGHT_DECAYS,
+    ProbeSettings,
+    default_image_processor,
+    extract_features,
+    linear_probe,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -87,18 +93,10 @@ def load_processor(path: str | None, fallback_config=None, image_size: int | Non
         except OSError:
             logger.warning("%s has no image processor; using a default one from its config.", path)
     if fallback_config is not None:
-        size = fallback_config.image_size
-        size = size if isinstance(size, int) else size[0]
-        num_channels = fallback_config.num_channels
-    elif image_size is not None:
-        size = image_size
-    else:
-        raise ValueError("No image processor found: pass --image_processor_name or --image_size.")
-    # ImageNet statistics (the ones I-JEPA pretrains with); one-channel models use their channel average.
-    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-    if num_channels == 1:
-        mean, std = [sum(mean) / 3], [sum(std) / 3]
-    return ViTImageProcessor(size={"height": size, "width": size}, image_mean=mean, image_std=std)
+        return default_image_processor(fallback_config.image_size, fallback_config.num_channels)
+    if image_size is not None:
+        return default_image_processor(image_size, num_channels)
+    raise ValueError("No image processor found: pass --image_processor_name or --image_size.")
 
 
 def eval_transform(image_processor, num_channels: int):

@@ -55,15 +55,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 logger = logging.getLogger("pretrain")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Constants (each with where it comes from)
 
-# Official `src/transforms.py::make_transforms` default normalisation (ImageNet statistics).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Official configs: `data.batch_size: 128` per GPU on 16 GPUs (ViT-H/14, folder name `bs.2048`). The base learning
 # rates below are for this global batch; other batches scale them linearly (see `resolve_learning_rates`).
 PAPER_GLOBAL_BATCH_SIZE = 2048
@@ -871,9 +869,10 @@ class ImageBatchStream:
 
 
 def normalize(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 `(B, 3, H, W)` -> float normalised with ImageNet statistics (official `ToTensor` + `Normalize`)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    """uint8 `(B, 3, H, W)` -> float normalised with ImageNet statistics (official `ToTensor` + `Normalize`, the
+    default of `src/transforms.py::make_transforms`)."""
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1)
     return (pixels.to(device, non_blocking=True).float() / 255.0 - mean) / std
 
 
@@ -1158,7 +1157,7 @@ def main(argv: list[str] | None = None) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, gather_object, set_seed
     from tqdm.auto import tqdm
-    from transformers import ViTImageProcessor
+    from modeling_ijepa.evaluation import default_image_processor
 
     from modeling_ijepa import IJepaMaskCollator
 
@@ -1199,10 +1198,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Masks come from IJepaMaskCollator (valid by construction): skip the forward's value checks, each a GPU->CPU sync.
     model.check_mask_values = False
     crop_size = config.image_size_hw
-    image_processor = ViTImageProcessor(
-        do_resize=True, size={"height": crop_size[0], "width": crop_size[1]},
-        image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
-    )
+    image_processor = default_image_processor(crop_size)  # what evaluation of this checkpoint should use
 
     # ---- data
     with accelerator.main_process_first():

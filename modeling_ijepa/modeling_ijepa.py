@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from transformers import initialization as init
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
-from transformers.models.ijepa.modeling_ijepa import IJepaEmbeddings, IJepaLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.ijepa.modeling_ijepa import IJepaEmbeddings, IJepaLayer, eager_attention_forward
 from transformers.models.ijepa.modeling_ijepa import IJepaPreTrainedModel as TransformersIJepaPreTrainedModel
 from transformers.utils import ModelOutput
 from transformers.utils.generic import merge_with_config_defaults
@@ -123,6 +124,45 @@ def ema_momentum(step: int, total_steps: int, start: float = EMA_MOMENTUM_START,
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps}.")
     return start + step * (end - start) / total_steps
+
+
+def layer_outputs_for_trailing_tokens(layer: IJepaLayer, hidden_states: torch.Tensor, first_output: int, **kwargs):
+    """`layer(hidden_states)[:, first_output:]`, computed without the outputs that would be thrown away.
+
+    Every token still serves as a key and value, but only tokens `first_output:` are queries, go through the
+    attention output projection and the MLP. The predictor's last layer uses it: the official predictor discards the
+    context tokens' outputs, which are most of the sequence. The same `IJepaLayer` modules do the math.
+
+    Args:
+        layer: an `IJepaLayer`.
+        hidden_states: `(batch, seq, dim)`.
+        first_output: index of the first token whose output is needed.
+    Returns:
+        `(batch, seq - first_output, dim)`.
+    """
+    attention = layer.attention
+    normed = layer.layernorm_before(hidden_states)
+    query_input = normed[:, first_output:]
+
+    def heads(projection, x):  # (batch, tokens, dim) -> (batch, heads, tokens, head_dim)
+        return projection(x).view(*x.shape[:-1], -1, attention.head_dim).transpose(1, 2)
+
+    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+        attention.config._attn_implementation, eager_attention_forward
+    )
+    attended, _ = attention_interface(
+        attention,
+        heads(attention.q_proj, query_input),
+        heads(attention.k_proj, normed),
+        heads(attention.v_proj, normed),
+        None,
+        dropout=0.0 if not attention.training else attention.attention_dropout,
+        scaling=attention.scaling,
+        **kwargs,
+    )
+    attended = attention.o_proj(attended.reshape(*query_input.shape[:-1], -1).contiguous())
+    hidden = layer.dropout(attended) + hidden_states[:, first_output:]
+    return layer.dropout(layer.mlp(layer.layernorm_after(hidden))) + hidden
 
 
 def tag_residual_projections(layers: nn.ModuleList) -> None:
@@ -410,10 +450,11 @@ class IJepaPredictor(nn.Module):
 
         hidden = hidden.repeat(num_target, 1, 1)  # (T*C*B, Kc, P)
         hidden = torch.cat([hidden, target_tokens], dim=1)  # (T*C*B, Kc+Kt, P)
-        for layer in self.layers:
+        for layer in self.layers[:-1]:
             hidden = layer(hidden, None, **kwargs)
-        hidden = self.layernorm(hidden)
-        return self.output_projection(hidden[:, num_context_tokens:])  # (T*C*B, Kt, D)
+        # Only the target tokens' outputs are used: the last layer skips the context tokens' queries and MLP.
+        hidden = layer_outputs_for_trailing_tokens(self.layers[-1], hidden, num_context_tokens, **kwargs)
+        return self.output_projection(self.layernorm(hidden))  # (T*C*B, Kt, D)
 
 
 class IJepaForPreTraining(IJepaPreTrainedModel):

@@ -22,6 +22,7 @@ from modeling_ijepa import (
     ijepa_config_from_preset,
     sincos_position_embeddings,
 )
+from modeling_ijepa.modeling_ijepa import layer_outputs_for_trailing_tokens
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 3
@@ -293,6 +294,37 @@ def test_predictor_and_loss_match_plain_loops(loss_type):
     else:
         expected_loss = ((expected_pred - expected_target) ** 2).mean()
     torch.testing.assert_close(out.loss, expected_loss, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_trailing_token_layer_equals_full_layer_slice(attn_implementation):
+    # The predictor's last layer computes only the target tokens' outputs; values and gradients must equal running
+    # the whole layer and slicing.
+    torch.manual_seed(0)
+    config = tiny_config()
+    model = IJepaForPreTraining(config).train()
+    model.set_attn_implementation(attn_implementation)
+    layer = model.predictor.layers[-1]
+    layer_config = model.predictor.layer_config
+    layer_config._attn_implementation = attn_implementation
+    x = torch.randn(5, 11, config.pred_hidden_size)
+    first_output = 7
+    results = []
+    for compute in (
+        lambda h: layer(h, None)[:, first_output:],
+        lambda h: layer_outputs_for_trailing_tokens(layer, h, first_output),
+    ):
+        h = x.clone().requires_grad_(True)
+        layer.zero_grad()
+        out = compute(h)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), h.grad, [p.grad.clone() for p in layer.parameters()]))
+    (full_out, full_input_grad, full_grads), (ours_out, ours_input_grad, ours_grads) = results
+    assert ours_out.shape == (5, 4, config.pred_hidden_size)
+    torch.testing.assert_close(ours_out, full_out, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ours_input_grad, full_input_grad, atol=1e-6, rtol=1e-5)
+    for a, b in zip(ours_grads, full_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_ema_update_matches_formula_and_schedule():

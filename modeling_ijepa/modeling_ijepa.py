@@ -16,6 +16,7 @@ key renames that let Hub-format (transformers 4.x layout) checkpoints load are r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -453,7 +454,12 @@ class IJepaPredictor(nn.Module):
         for layer in self.layers[:-1]:
             hidden = layer(hidden, None, **kwargs)
         # Only the target tokens' outputs are used: the last layer skips the context tokens' queries and MLP.
-        hidden = layer_outputs_for_trailing_tokens(self.layers[-1], hidden, num_context_tokens, **kwargs)
+        last = self.layers[-1]
+        last_layer_forward = partial(layer_outputs_for_trailing_tokens, last, first_output=num_context_tokens, **kwargs)
+        if last.gradient_checkpointing and last.training and torch.is_grad_enabled():
+            hidden = last._gradient_checkpointing_func(last_layer_forward, hidden)  # as IJepaLayer checkpoints itself
+        else:
+            hidden = last_layer_forward(hidden)
         return self.output_projection(self.layernorm(hidden))  # (T*C*B, Kt, D)
 
 

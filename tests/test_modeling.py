@@ -578,8 +578,18 @@ def test_gradient_checkpointing_gives_same_gradients():
     layers = list(checkpointed.context_encoder.layers) + list(checkpointed.predictor.layers)
     assert all(layer.gradient_checkpointing for layer in layers)
     context_mask, target_mask = masks_for(config)
+    # Count the checkpointed calls of the predictor's last layer (it runs outside `IJepaLayer.__call__`).
+    last_layer, calls = checkpointed.predictor.layers[-1], []
+    checkpoint_function = last_layer._gradient_checkpointing_func
+
+    def counting_checkpoint(*args, **kwargs):
+        calls.append(1)
+        return checkpoint_function(*args, **kwargs)
+
+    last_layer._gradient_checkpointing_func = counting_checkpoint
     for model in (plain, checkpointed):
         model(images(), context_mask=context_mask, target_mask=target_mask).loss.backward()
+    assert calls == [1]  # the predictor's last layer (targets-only outputs) is checkpointed too
     for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
         if a.grad is not None:
             torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-4, msg=name)

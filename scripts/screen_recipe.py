@@ -103,8 +103,9 @@ def probe_features(encoder: IJepaModel, pixels: torch.Tensor) -> dict[str, torch
     last, last4, grid = [], [], []
     for start in range(0, len(pixels), FEATURE_BATCH_SIZE):
         batch = pixels[start:start + FEATURE_BATCH_SIZE]
-        last.append(pooled_features(encoder, batch, num_layers=1))
-        last4.append(pooled_features(encoder, batch, num_layers=4))
+        pooled = pooled_features(encoder, batch, num_layers=4)  # (B, 4 * D), the last layer first
+        last4.append(pooled)
+        last.append(pooled[:, :encoder.config.hidden_size])
         tokens = encoder(batch).last_hidden_state  # (B, N, D)
         side = math.isqrt(tokens.size(1))
         grid.append(F.adaptive_avg_pool2d(tokens.transpose(1, 2).reshape(len(tokens), -1, side, side), 2).flatten(1))

@@ -4,7 +4,7 @@
 Three comparisons, each measured in one process with warm-up, interleaved repetitions and medians:
 
 * **step**: one full pretraining step (mask sampling -> forward -> backward -> AdamW -> EMA) of
-  `IJepaForPreTraining` against `scripts/benchmarks/official_style.py`, a baseline written in the style of the
+  `IJepaForPreTraining` against `modeling_ijepa/benchmarks/official_style.py`, a baseline written in the style of the
   official implementation, from the same weights. Both steps run their own mask sampler (timed), then feed their model
   the same pre-drawn masks so both do identical work; the losses of the first steps are compared numerically.
 * **inference**: `modeling_ijepa.IJepaModel` against `transformers.IJepaModel` with the same weights and outputs.
@@ -39,17 +39,15 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import HfArgumentParser
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import transformers  # noqa: E402
-from benchmarks.official_style import LoopMaskSampler, OfficialStylePretraining, load_from_ours  # noqa: E402
-from modeling_ijepa import (  # noqa: E402
+import transformers
+from modeling_ijepa import (
     IJepaForPreTraining,
     IJepaMaskCollator,
     IJepaModel,
@@ -58,6 +56,7 @@ from modeling_ijepa import (  # noqa: E402
     ijepa_config_from_preset,
     sample_masks,
 )
+from modeling_ijepa.benchmarks.official_style import LoopMaskSampler, OfficialStylePretraining, load_from_ours
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Official configs: AdamW with weight decay 0.04 (ramped to 0.4) and lr up to 1e-3; the values only need to be
@@ -378,9 +377,9 @@ def bench_step(spec, device, args) -> dict:
     inputs = make_inputs(config, spec["batch_size"], device, spec["seed"] + 1, 1)
     pixel_values, masks = inputs[0]
     generator = torch.Generator().manual_seed(1)
-    fns = {"ours": lambda: ours(pixel_values, masks, generator)}
+    fns = {"ours": partial(ours, pixel_values, masks, generator)}
     if baseline is not None:
-        fns["baseline"] = lambda: baseline(pixel_values, masks, generator)
+        fns["baseline"] = partial(baseline, pixel_values, masks, generator)
     times = interleaved_medians(fns, args.warmup, args.reps, device)
     result.update(ours_s=times["ours"], images_per_s=spec["batch_size"] / times["ours"])
     if baseline is not None:
@@ -452,7 +451,8 @@ def bench_inference(spec, device, args) -> dict:
             return model(pixel_values).last_hidden_state
 
     difference = (run(ours).float() - run(theirs).float()).abs().max().item()
-    times = interleaved_medians({"ours": lambda: run(ours), "transformers": lambda: run(theirs)}, args.warmup, args.reps, device)
+    times = interleaved_medians({"ours": partial(run, ours), "transformers": partial(run, theirs)}, args.warmup,
+                                args.reps, device)
     result = {
         "kind": "inference", **spec, "ours_s": times["ours"], "transformers_s": times["transformers"],
         "ratio": times["ours"] / times["transformers"], "images_per_s": spec["batch_size"] / times["ours"],

@@ -32,7 +32,7 @@ from pathlib import Path
 SCRIPTS_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS_DIR))
 
-from fashion_mnist import export_fashion_mnist  # noqa: E402
+from modeling_ijepa.training.fashion_mnist import export_fashion_mnist  # noqa: E402
 from linear_probe import LinearProbeArguments, run_linear_probe  # noqa: E402
 
 logger = logging.getLogger("benchmark_learning")

@@ -40,8 +40,8 @@ from transformers import HfArgumentParser
 SCRIPTS_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS_DIR))
 
-from fashion_mnist import DEFAULT_SOURCE_DIR, IDX_FILES, read_idx_images, read_idx_labels  # noqa: E402
-from pretrain import parse_config_overrides  # noqa: E402
+from modeling_ijepa.training.fashion_mnist import DEFAULT_SOURCE_DIR, IDX_FILES, read_idx_images, read_idx_labels  # noqa: E402
+from modeling_ijepa.training.arguments import parse_config_overrides  # noqa: E402
 
 from modeling_ijepa import IJepaForPreTraining, IJepaMaskCollator, IJepaModel, ijepa_config_from_preset  # noqa: E402
 from modeling_ijepa.evaluation import linear_probe, pooled_features  # noqa: E402

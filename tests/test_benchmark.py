@@ -10,10 +10,9 @@ import torch
 
 from modeling_ijepa import IJepaForPreTraining, MaskSamplingSettings, ijepa_config_from_preset, sample_masks
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-sys.path.insert(0, str(SCRIPTS))
+from modeling_ijepa.benchmarks.official_style import LoopMaskSampler, OfficialStylePretraining, load_from_ours
 
-from benchmarks.official_style import LoopMaskSampler, OfficialStylePretraining, load_from_ours  # noqa: E402
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 def test_baseline_loss__equals_ours_from_same_weights_and_masks():

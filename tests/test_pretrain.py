@@ -1,4 +1,4 @@
-"""Tests of scripts/pretrain.py and scripts/fashion_mnist.py (issue 3).
+"""Tests of the pretraining engine (`modeling_ijepa.training`) and its command line `scripts/pretrain.py`.
 
 Fast checks run in-process; the end-to-end checks launch real 2-process CPU DDP runs
 (`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2`), each about a minute on 2 shared cores.
@@ -22,12 +22,13 @@ import pytest
 import torch
 from PIL import Image
 
+from modeling_ijepa.training import (  # noqa: E402
+    arguments, building, checkpoints, fashion_mnist, loop, publish,
+)
+from modeling_ijepa.training import data as training_data  # noqa: E402  (tests name their image folders `data`)
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
-sys.path.insert(0, str(SCRIPTS))
-
-import fashion_mnist  # noqa: E402
-import pretrain  # noqa: E402
 
 ACCELERATE = Path(sys.executable).parent / "accelerate"
 FASHION_MNIST_PRESENT = (Path(fashion_mnist.DEFAULT_SOURCE_DIR) / "t10k-images-idx3-ubyte.gz").exists()
@@ -99,7 +100,7 @@ def launch(
 def read_log(output_dir: Path) -> dict[int, dict]:
     """train_log.jsonl keyed by step (a resumed run appends; the last record of a step wins)."""
     records = {}
-    for line in (output_dir / pretrain.TRAIN_LOG_NAME).read_text().splitlines():
+    for line in (output_dir / loop.TRAIN_LOG_NAME).read_text().splitlines():
         record = json.loads(line)
         records[record["step"]] = record
     return records
@@ -122,8 +123,8 @@ def e2e_args(data_dir: Path, output_dir: Path, max_steps: int, *extra: str) -> l
 def test_schedules__match_official_formulas_at_chosen_steps():
     # Official ViT-H/14 IN-1k: ipe = 1281167 // 2048 = 625, warmup int(40 * 625) = 25000,
     # T_max = int(1.0 * 300 * 625) = 187500.
-    args = pretrain.PretrainingArguments(per_device_train_batch_size=128, num_train_epochs=300)
-    s = pretrain.resolve_schedules(args, 1_281_167, 2048)
+    args = arguments.PretrainingArguments(per_device_train_batch_size=128, num_train_epochs=300)
+    s = arguments.resolve_schedules(args, 1_281_167, 2048)
     assert (s.train_steps, s.warmup_steps, s.schedule_steps, s.momentum_steps) == (187_500, 25_000, 187_500, 187_500.0)
     assert (s.peak_lr, s.start_lr, s.final_lr) == (1e-3, 2e-4, 1e-6)
     # step 0 runs with counter 1: one warmup increment above start_lr
@@ -142,11 +143,11 @@ def test_schedules__match_official_formulas_at_chosen_steps():
 
 @pytest.mark.parametrize("ipe_scale", [1.0, 1.25])
 def test_schedules__equal_official_stateful_replay_at_every_step(ipe_scale):
-    args = pretrain.PretrainingArguments(
+    args = arguments.PretrainingArguments(
         per_device_train_batch_size=8, num_train_epochs=10, warmup_epochs=2, ipe_scale=ipe_scale
     )
     samples = 8 * 13 + 5  # ipe = 13 (drop_last)
-    s = pretrain.resolve_schedules(args, samples, 8)
+    s = arguments.resolve_schedules(args, samples, 8)
     ipe = samples // 8
     expected = official_schedule_replay(
         s.train_steps, warmup=int(2 * ipe), start_lr=s.start_lr, ref_lr=s.peak_lr, final_lr=s.final_lr,
@@ -160,19 +161,19 @@ def test_schedules__equal_official_stateful_replay_at_every_step(ipe_scale):
 
 
 def test_learning_rate__linear_scaling_rule_is_applied_and_stated():
-    args = pretrain.PretrainingArguments()
-    peak, start, final, rule = pretrain.resolve_learning_rates(args, 256)
+    args = arguments.PretrainingArguments()
+    peak, start, final, rule = arguments.resolve_learning_rates(args, 256)
     assert (peak, start, final) == pytest.approx((1e-3 / 8, 2e-4 / 8, 1e-6 / 8))
     assert "256" in rule and "2048" in rule
-    explicit = pretrain.PretrainingArguments(learning_rate=5e-3)
-    assert pretrain.resolve_learning_rates(explicit, 64)[:3] == pytest.approx((5e-3, 1e-3, 5e-6))
+    explicit = arguments.PretrainingArguments(learning_rate=5e-3)
+    assert arguments.resolve_learning_rates(explicit, 64)[:3] == pytest.approx((5e-3, 1e-3, 5e-6))
 
 
 def test_resolve_schedules__says_what_to_pass_when_length_unknown():
     with pytest.raises(ValueError, match="--max_steps.*--num_train_samples"):
-        pretrain.resolve_schedules(pretrain.PretrainingArguments(), None, 2048, "some/streamed-dataset")
+        arguments.resolve_schedules(arguments.PretrainingArguments(), None, 2048, "some/streamed-dataset")
     # --max_steps without a dataset size: the steps are shaped as --num_train_epochs epochs (warmup keeps its share).
-    s = pretrain.resolve_schedules(pretrain.PretrainingArguments(max_steps=3000, num_train_epochs=300), None, 64)
+    s = arguments.resolve_schedules(arguments.PretrainingArguments(max_steps=3000, num_train_epochs=300), None, 64)
     assert (s.train_steps, s.steps_per_epoch, s.warmup_steps, s.schedule_steps) == (3000, 10.0, 400, 3000)
 
 
@@ -180,13 +181,13 @@ def test_samples_per_epoch__from_length_metadata_or_known_imagenet_size():
     import datasets
 
     table = datasets.Dataset.from_dict({"x": list(range(10))})
-    args = pretrain.DataTrainingArguments(dataset_name="ILSVRC/imagenet-1k")
-    assert pretrain.count_train_samples(table, args) == 10  # downloaded: its length
+    args = arguments.DataTrainingArguments(dataset_name="ILSVRC/imagenet-1k")
+    assert training_data.count_train_samples(table, args) == 10  # downloaded: its length
     streamed = table.to_iterable_dataset()  # no split metadata: the known ImageNet-1k train size
-    assert pretrain.count_train_samples(streamed, args) == 1_281_167
-    assert pretrain.count_train_samples(streamed, pretrain.DataTrainingArguments(dataset_name="me/unknown")) is None
-    other_split = pretrain.DataTrainingArguments(dataset_name="ILSVRC/imagenet-1k", train_split="validation")
-    assert pretrain.count_train_samples(streamed, other_split) is None
+    assert training_data.count_train_samples(streamed, args) == 1_281_167
+    assert training_data.count_train_samples(streamed, arguments.DataTrainingArguments(dataset_name="me/unknown")) is None
+    other_split = arguments.DataTrainingArguments(dataset_name="ILSVRC/imagenet-1k", train_split="validation")
+    assert training_data.count_train_samples(streamed, other_split) is None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -195,7 +196,7 @@ def test_samples_per_epoch__from_length_metadata_or_known_imagenet_size():
 
 def test_arguments__yaml_file_then_cli_overrides():
     config = SCRIPTS / "configs" / "tiny_fashion_mnist.yaml"
-    model_args, data_args, args = pretrain.parse_arguments([str(config), "--max_steps", "7", "--crop_scale", "0.5", "1.0"])
+    model_args, data_args, args = arguments.parse_arguments([str(config), "--max_steps", "7", "--crop_scale", "0.5", "1.0"])
     assert model_args.config_name == "tiny-cpu"
     assert data_args.dataset_name == "zalando-datasets/fashion_mnist" and data_args.streaming is True
     assert args.max_steps == 7 and args.crop_scale == [0.5, 1.0]
@@ -203,31 +204,31 @@ def test_arguments__yaml_file_then_cli_overrides():
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (SCRIPTS / "configs").glob("*.yaml")))
 def test_argument_files__parse_and_build_their_config(name):
-    model_args, data_args, args = pretrain.parse_arguments([str(SCRIPTS / "configs" / name)])
-    config = pretrain.build_config(model_args)
+    model_args, data_args, args = arguments.parse_arguments([str(SCRIPTS / "configs" / name)])
+    config = building.build_config(model_args)
     assert config.num_patches > 0
     if name.startswith("in1k_vith14"):
         assert (config.hidden_size, config.num_hidden_layers, config.patch_size) == (1280, 32, 14)
         assert args.per_device_train_batch_size * 16 == 2048 and args.num_train_epochs == 300
-        samples = pretrain.KNOWN_TRAIN_SIZES[data_args.dataset_name.lower()]
-        s = pretrain.resolve_schedules(args, samples, 2048)
+        samples = training_data.KNOWN_TRAIN_SIZES[data_args.dataset_name.lower()]
+        s = arguments.resolve_schedules(args, samples, 2048)
         assert (s.warmup_steps, s.schedule_steps, s.peak_lr) == (25_000, 187_500, 1e-3)
 
 
 def test_config_overrides__parse_literals_and_tuples():
-    parsed = pretrain.parse_config_overrides("min_keep=3,target_block_scale=(0.1, 0.2),hidden_act=gelu,qkv_bias=False")
+    parsed = arguments.parse_config_overrides("min_keep=3,target_block_scale=(0.1, 0.2),hidden_act=gelu,qkv_bias=False")
     assert parsed == {"min_keep": 3, "target_block_scale": (0.1, 0.2), "hidden_act": "gelu", "qkv_bias": False}
-    config = pretrain.build_config(pretrain.ModelArguments(config_name="tiny-cpu", config_overrides="min_keep=3"))
+    config = building.build_config(arguments.ModelArguments(config_name="tiny-cpu", config_overrides="min_keep=3"))
     assert config.min_keep == 3
     with pytest.raises(ValueError, match="neither a preset"):
-        pretrain.build_config(pretrain.ModelArguments(config_name="vit-enormous"))
+        building.build_config(arguments.ModelArguments(config_name="vit-enormous"))
 
 
 def test_optimizer_groups__no_decay_on_biases_and_1d_params_mask_token_decayed():
     from modeling_ijepa import IJepaForPreTraining, ijepa_config_from_preset
 
     model = IJepaForPreTraining(ijepa_config_from_preset("tiny-cpu"))
-    decay, no_decay = pretrain.optimizer_param_groups(model)
+    decay, no_decay = building.optimizer_param_groups(model)
     names = {id(p): n for n, p in model.named_parameters()}
     decay_names = [names[id(p)] for p in decay["params"]]
     no_decay_names = [names[id(p)] for p in no_decay["params"]]
@@ -245,8 +246,8 @@ def test_model_name_or_path__pretraining_and_encoder_only_checkpoints(tmp_path):
     torch.manual_seed(1)
     source = IJepaForPreTraining(config)
     source.save_pretrained(tmp_path / "full")
-    model_args = pretrain.ModelArguments(config_name="tiny-cpu", model_name_or_path=str(tmp_path / "full"))
-    loaded = pretrain.build_model(model_args, pretrain.build_config(model_args))
+    model_args = arguments.ModelArguments(config_name="tiny-cpu", model_name_or_path=str(tmp_path / "full"))
+    loaded = building.build_model(model_args, building.build_config(model_args))
     for (name, a), b in zip(source.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -255,8 +256,8 @@ def test_model_name_or_path__pretraining_and_encoder_only_checkpoints(tmp_path):
         for p in encoder.parameters():
             p.add_(0.5)
     encoder.save_pretrained(tmp_path / "encoder")
-    model_args = pretrain.ModelArguments(config_name="tiny-cpu", model_name_or_path=str(tmp_path / "encoder"))
-    loaded = pretrain.build_model(model_args, pretrain.build_config(model_args))
+    model_args = arguments.ModelArguments(config_name="tiny-cpu", model_name_or_path=str(tmp_path / "encoder"))
+    loaded = building.build_model(model_args, building.build_config(model_args))
     for (name, a), b, c in zip(
         encoder.state_dict().items(), loaded.ijepa.state_dict().values(), loaded.context_encoder.state_dict().values()
     ):
@@ -270,7 +271,7 @@ def test_model_name_or_path__pretraining_and_encoder_only_checkpoints(tmp_path):
 def test_to_rgb__every_mode_becomes_rgb():
     for mode in ["L", "LA", "P", "PA", "RGBA", "CMYK", "I;16", "I", "F", "1", "RGB"]:
         image = Image.new(mode, (5, 4))
-        assert pretrain.to_rgb(image).mode == "RGB", mode
+        assert training_data.to_rgb(image).mode == "RGB", mode
 
 
 def test_stream__skips_and_counts_corrupt_images_and_resumes_exactly(tmp_path):
@@ -279,11 +280,11 @@ def test_stream__skips_and_counts_corrupt_images_and_resumes_exactly(tmp_path):
     folder = make_mixed_image_folder(tmp_path / "images", count=12)
     dataset = datasets.load_dataset(str(folder), split="train", streaming=True)
     dataset = dataset.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
-    settings = pretrain.AugmentationSettings(crop_size=(16, 16))
+    settings = training_data.AugmentationSettings(crop_size=(16, 16))
 
     def stream(buffer_size, state=None):
-        shard = pretrain.shard_for_process(dataset, 0, 1, seed=3, buffer_size=buffer_size)
-        return pretrain.ImageBatchStream(shard, "image", 5, settings, seed=3, rank=0, state=state)
+        shard = training_data.shard_for_process(dataset, 0, 1, seed=3, buffer_size=buffer_size)
+        return training_data.ImageBatchStream(shard, "image", 5, settings, seed=3, rank=0, state=state)
 
     # Buffer 1 keeps file order: broken.jpg is record 0 of every epoch.
     ordered = stream(buffer_size=1)
@@ -299,9 +300,9 @@ def test_stream__skips_and_counts_corrupt_images_and_resumes_exactly(tmp_path):
     batches = iter(reference)
     for _ in range(3):
         next(batches)
-    saved = pretrain.DataState(**vars(reference.state))
+    saved = training_data.DataState(**vars(reference.state))
     following = [next(batches) for _ in range(4)]
-    resumed = iter(stream(4, pretrain.DataState(**vars(saved))))
+    resumed = iter(stream(4, training_data.DataState(**vars(saved))))
     for expected in following:
         assert torch.equal(next(resumed), expected)
 
@@ -313,11 +314,11 @@ def test_stream__worker_processes_give_the_same_batches(tmp_path):
     folder = make_mixed_image_folder(tmp_path / "images", count=6, corrupt=True)
     dataset = datasets.load_dataset(str(folder), split="train", streaming=True)
     dataset = dataset.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
-    settings = pretrain.AugmentationSettings(crop_size=(8, 8), horizontal_flip=True)
+    settings = training_data.AugmentationSettings(crop_size=(8, 8), horizontal_flip=True)
     outputs = []
     for workers in (0, 2):
-        stream = pretrain.ImageBatchStream(
-            pretrain.shard_for_process(dataset, 0, 1, 0, 4), "image", 3, settings, 0, 0, num_workers=workers
+        stream = training_data.ImageBatchStream(
+            training_data.shard_for_process(dataset, 0, 1, 0, 4), "image", 3, settings, 0, 0, num_workers=workers
         )
         it = iter(stream)
         outputs.append([next(it) for _ in range(3)])
@@ -332,9 +333,9 @@ def test_image_column__auto_detected_or_clear_error():
     import datasets
 
     features = datasets.Features({"label": datasets.Value("int64"), "picture": datasets.Image()})
-    assert pretrain.detect_image_column(features, None) == "picture"
+    assert training_data.detect_image_column(features, None) == "picture"
     with pytest.raises(ValueError, match="--image_column_name"):
-        pretrain.detect_image_column(datasets.Features({"text": datasets.Value("string")}), None)
+        training_data.detect_image_column(datasets.Features({"text": datasets.Value("string")}), None)
 
 
 def test_gated_dataset__gives_access_instructions(monkeypatch):
@@ -347,8 +348,8 @@ def test_gated_dataset__gives_access_instructions(monkeypatch):
         )
 
     monkeypatch.setattr(datasets, "load_dataset", gated)
-    with pytest.raises(pretrain.DatasetAccessError) as info:
-        pretrain.load_train_dataset(pretrain.DataTrainingArguments())
+    with pytest.raises(training_data.DatasetAccessError) as info:
+        training_data.load_train_dataset(arguments.DataTrainingArguments())
     message = str(info.value)
     assert "https://huggingface.co/datasets/ILSVRC/imagenet-1k" in message
     assert "accept its terms" in message and "hf auth login" in message and "HF_TOKEN" in message
@@ -369,16 +370,16 @@ def test_gated_repo_error__from_the_hub_client_gives_access_instructions(monkeyp
         raise GatedRepoError("Access to dataset ILSVRC/imagenet-1k is restricted.", response=response)
 
     monkeypatch.setattr(datasets, "load_dataset", gated)
-    with pytest.raises(pretrain.DatasetAccessError, match="accept its terms"):
-        pretrain.load_train_dataset(pretrain.DataTrainingArguments())
+    with pytest.raises(training_data.DatasetAccessError, match="accept its terms"):
+        training_data.load_train_dataset(arguments.DataTrainingArguments())
 
 
 def test_missing_or_unreachable_dataset__real_offline_call_gives_instructions():
     # HF_HUB_OFFLINE=1 (set at the top): datasets raises ConnectionError before any network access.
-    with pytest.raises(pretrain.DatasetAccessError, match="accept its terms"):
-        pretrain.load_train_dataset(pretrain.DataTrainingArguments(dataset_name="ILSVRC/imagenet-1k"))
-    with pytest.raises(pretrain.DatasetAccessError, match="does not exist"):
-        pretrain.load_train_dataset(pretrain.DataTrainingArguments(dataset_name="/no/such/folder/anywhere"))
+    with pytest.raises(training_data.DatasetAccessError, match="accept its terms"):
+        training_data.load_train_dataset(arguments.DataTrainingArguments(dataset_name="ILSVRC/imagenet-1k"))
+    with pytest.raises(training_data.DatasetAccessError, match="does not exist"):
+        training_data.load_train_dataset(arguments.DataTrainingArguments(dataset_name="/no/such/folder/anywhere"))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -388,16 +389,16 @@ def test_missing_or_unreachable_dataset__real_offline_call_gives_instructions():
 def test_checkpoints__temporary_folders_never_count_as_complete(tmp_path):
     (tmp_path / "checkpoint-5").mkdir()  # no trainer_state.json: interrupted copy
     (tmp_path / ".tmp-checkpoint-9").mkdir()
-    (tmp_path / ".tmp-checkpoint-9" / pretrain.TRAINER_STATE_NAME).write_text("{}")
+    (tmp_path / ".tmp-checkpoint-9" / checkpoints.TRAINER_STATE_NAME).write_text("{}")
     (tmp_path / "checkpoint-3").mkdir()
-    (tmp_path / "checkpoint-3" / pretrain.TRAINER_STATE_NAME).write_text("{}")
+    (tmp_path / "checkpoint-3" / checkpoints.TRAINER_STATE_NAME).write_text("{}")
     (tmp_path / "checkpoint-12").mkdir()
-    (tmp_path / "checkpoint-12" / pretrain.TRAINER_STATE_NAME).write_text("{}")
-    assert [p.name for p in pretrain.list_checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-12"]
-    assert pretrain.resolve_resume_path("latest", str(tmp_path)).name == "checkpoint-12"
-    assert pretrain.resolve_resume_path("latest", str(tmp_path / "empty")) is None  # starts from scratch
+    (tmp_path / "checkpoint-12" / checkpoints.TRAINER_STATE_NAME).write_text("{}")
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-12"]
+    assert checkpoints.resolve_resume_path("latest", str(tmp_path)).name == "checkpoint-12"
+    assert checkpoints.resolve_resume_path("latest", str(tmp_path / "empty")) is None  # starts from scratch
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
-        pretrain.resolve_resume_path(str(tmp_path / "checkpoint-5"), str(tmp_path))
+        checkpoints.resolve_resume_path(str(tmp_path / "checkpoint-5"), str(tmp_path))
 
 
 def test_push_to_hub__offline_gives_clear_error(tmp_path, monkeypatch):
@@ -406,9 +407,9 @@ def test_push_to_hub__offline_gives_clear_error(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text("{}")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    args = pretrain.PretrainingArguments(output_dir=str(tmp_path), hub_model_id="me/ijepa-test")
+    args = arguments.PretrainingArguments(output_dir=str(tmp_path), hub_model_id="me/ijepa-test")
     with pytest.raises(HubUploadError, match="(?s)offline mode.*push_to_hub.py"):
-        pretrain.push_run_to_hub(tmp_path, args)
+        publish.push_run_to_hub(tmp_path, args)
     assert (tmp_path / "config.json").read_text() == "{}"  # nothing local is lost
 
 
@@ -438,9 +439,9 @@ def test_push_to_hub__uploads_model_files_but_not_checkpoints(tmp_path, monkeypa
 
     monkeypatch.setattr(hub.constants, "is_offline_mode", lambda: False)
     monkeypatch.setattr(hub, "HfApi", FakeApi)
-    args = pretrain.PretrainingArguments(output_dir=str(tmp_path), hub_model_id="me/ijepa-test", hub_token="hf_x",
+    args = arguments.PretrainingArguments(output_dir=str(tmp_path), hub_model_id="me/ijepa-test", hub_token="hf_x",
                                          hub_private_repo=True)
-    assert pretrain.push_run_to_hub(tmp_path, args) == "https://hf.co/me/ijepa-test/commit/1"
+    assert publish.push_run_to_hub(tmp_path, args) == "https://hf.co/me/ijepa-test/commit/1"
     assert sent == {"private": True, "files": ["README.md", "config.json", "model.safetensors"]}
 
 
@@ -450,9 +451,9 @@ def test_world_size_check__refuses_independent_processes(monkeypatch):
 
     monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun started 2 processes that did not form a group
     with pytest.raises(RuntimeError, match="ACCELERATE_USE_CPU=1"):
-        pretrain.check_world_size(FakeAccelerator())
+        loop.check_world_size(FakeAccelerator())
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert pretrain.check_world_size(FakeAccelerator()) == 1
+    assert loop.check_world_size(FakeAccelerator()) == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -515,7 +516,7 @@ def test_e2e__two_process_streaming_run_writes_loadable_model_and_results(e2e_ru
     results = json.loads((split / "all_results.json").read_text())
     assert results["global_step"] == 6 and results["world_size"] == 2 and results["global_batch_size"] == 4
     assert math.isfinite(results["train_loss"]) and results["train_samples_per_second"] > 0
-    assert [p.name for p in pretrain.list_checkpoints(split)] == ["checkpoint-3", "checkpoint-6"]
+    assert [p.name for p in checkpoints.list_checkpoints(split)] == ["checkpoint-3", "checkpoint-6"]
     assert not list(split.glob(".tmp-*"))
     model = AutoModel.from_pretrained(split)
     assert type(model).__name__ == "IJepaModel"
@@ -547,8 +548,8 @@ def test_e2e__resume_latest_to_higher_max_steps_follows_the_uninterrupted_schedu
     log = read_log(e2e_runs["split"])
     assert sorted(log) == [0, 1, 2, 3, 4, 5]
     # The schedules of an uninterrupted 6-step run with the same arguments (pure functions of the step).
-    _, _, args = pretrain.parse_arguments(e2e_args(e2e_runs["data"], e2e_runs["split"], 6))
-    uninterrupted = pretrain.resolve_schedules(args, None, global_batch_size=4)
+    _, _, args = arguments.parse_arguments(e2e_args(e2e_runs["data"], e2e_runs["split"], 6))
+    uninterrupted = arguments.resolve_schedules(args, None, global_batch_size=4)
     for step in (3, 4, 5):
         values = uninterrupted.at(step)
         for key in ("lr", "weight_decay", "momentum"):
@@ -605,17 +606,19 @@ def test_non_finite_loss__stops_after_saving_the_last_good_state(tmp_path, monke
 
     monkeypatch.setattr(modeling_ijepa.IJepaForPreTraining, "forward", forward_with_nan_at_third_step)
     args = e2e_args(data, output, 5, "--report_to", "none", "--resume_from_checkpoint", "latest")
-    with caplog.at_level("INFO", logger="pretrain"), pytest.raises(SystemExit, match="non-finite loss.*step 2"):
-        pretrain.main(args)
+    with caplog.at_level("INFO", logger="modeling_ijepa.training"), pytest.raises(
+        loop.TrainingStopped, match="non-finite loss.*step 2"
+    ):
+        loop.pretrain(*arguments.parse_arguments(args))
     assert "no checkpoint in" in caplog.text and "starting from scratch" in caplog.text
-    state = json.loads((output / "checkpoint-2" / pretrain.TRAINER_STATE_NAME).read_text())
+    state = json.loads((output / "checkpoint-2" / checkpoints.TRAINER_STATE_NAME).read_text())
     assert state["global_step"] == 2  # the weights before the failing step, resumable
     assert json.loads((output / "all_results.json").read_text())["global_step"] == 2
 
     # Starting again into the same folder without --resume_from_checkpoint is refused with what to do.
     monkeypatch.setattr(modeling_ijepa.IJepaForPreTraining, "forward", original_forward)
     with pytest.raises(RuntimeError, match="--resume_from_checkpoint latest"):
-        pretrain.main(e2e_args(data, output, 5, "--report_to", "none"))
+        loop.pretrain(*arguments.parse_arguments(e2e_args(data, output, 5, "--report_to", "none")))
 
 
 def test_gradient_accumulation__one_ema_update_per_optimizer_step_non_streaming(tmp_path, monkeypatch):
@@ -631,13 +634,13 @@ def test_gradient_accumulation__one_ema_update_per_optimizer_step_non_streaming(
 
     monkeypatch.setattr(modeling_ijepa.IJepaForPreTraining, "update_target_encoder", record_update)
     output = tmp_path / "run"
-    results = pretrain.main(
+    results = loop.pretrain(*arguments.parse_arguments(
         e2e_args(data, output, 3, "--streaming", "false", "--gradient_accumulation_steps", "2", "--report_to", "none")
-    )
+    ))
     assert results["global_step"] == 3 and results["global_batch_size"] == 4
     log = read_log(output)
     assert momenta == [log[step]["momentum"] for step in range(3)]  # once per optimizer step, scheduled momentum
-    state = json.loads((output / "checkpoint-3" / pretrain.RANK_STATE_NAME.format(rank=0)).read_text())
+    state = json.loads((output / "checkpoint-3" / checkpoints.RANK_STATE_NAME.format(rank=0)).read_text())
     assert state["mask_collator"]["num_batches"] == 6  # 3 steps x 2 micro-batches
 
 

@@ -1,0 +1,1 @@
+"""Baselines the benchmarks and tests compare against (not used by training)."""

@@ -1,0 +1,382 @@
+"""The pretraining loop: `pretrain(model_args, data_args, run_args) -> results`, callable from Python.
+
+The model (`IJepaForPreTraining`) owns the forward pass, the loss and the EMA update of the target encoder; this
+module orchestrates: Accelerate, data, masks, optimizer, schedules, checkpoints and logging, in the order
+
+    set up the output folder -> build model, optimizer, data -> restore a checkpoint -> train -> save and publish.
+
+Exact resume: crops are seeded per record, masks per batch (`IJepaMaskCollator`'s batch counter); a checkpoint
+stores each process's data position and collator state, so batches after a resume are those an uninterrupted run
+would have seen and the final weights are the same.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .arguments import (
+    DataTrainingArguments, ModelArguments, PretrainingArguments, resolve_learning_rates, resolve_schedules,
+)
+from .building import build_config, build_model, optimizer_param_groups
+from .checkpoints import (
+    RANK_STATE_NAME, TRAINER_STATE_NAME, list_checkpoints, resolve_resume_path, save_checkpoint, tensor_checksum,
+)
+from .data import (
+    AugmentationSettings, DataState, ImageBatchStream, count_train_samples, detect_image_column, load_train_dataset,
+    shard_for_process,
+)
+from .publish import push_run_to_hub, write_model_card
+from .schedules import Schedules
+from .step import step_metrics, train_step
+
+logger = logging.getLogger(__name__)
+
+TRAIN_LOG_NAME = "train_log.jsonl"
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped early (a non-finite loss); the last good state was saved and the message says how to go on."""
+
+
+def check_world_size(accelerator) -> int:
+    """Log the world size and refuse launches where processes do not form one group."""
+    world_size = accelerator.num_processes
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    logger.info(
+        "World size %d (process %d, device %s, distributed type %s).",
+        world_size, accelerator.process_index, accelerator.device, accelerator.distributed_type,
+    )
+    if launched != world_size:
+        raise RuntimeError(
+            f"The launcher started {launched} processes (WORLD_SIZE={launched}) but this process trains with world "
+            f"size {world_size}: they would train {launched} independent models. On CPU use "
+            "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...` (or torchrun); on GPUs check "
+            "that every process sees a GPU."
+        )
+    return world_size
+
+
+def setup_logging(accelerator) -> None:
+    import datasets
+    import transformers
+
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO,
+        stream=sys.stdout,
+    )
+    if accelerator.is_main_process:
+        datasets.utils.logging.set_verbosity_warning()
+        transformers.utils.logging.set_verbosity_warning()
+    else:
+        logger.setLevel(logging.WARNING)
+        datasets.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
+def tracker_names(report_to: str) -> list[str] | str | None:
+    if report_to in ("none", ""):
+        return None
+    if report_to == "all":
+        return "all"
+    return [name.strip() for name in report_to.split(",") if name.strip()]
+
+
+@dataclass
+class PretrainingRun:
+    """What one pretraining run holds while it trains (built by `build_run`, advanced by `train`)."""
+
+    accelerator: Any
+    model: Any
+    optimizer: torch.optim.Optimizer
+    collator: Any
+    stream: ImageBatchStream
+    schedules: Schedules
+    lr_rule: str
+    image_processor: Any
+    output_dir: Path
+    world_size: int
+    global_batch_size: int
+    data_state: DataState = field(default_factory=DataState)
+    global_step: int = 0
+    run_losses: list[float] = field(default_factory=list)
+
+    def trainer_state(self) -> dict:
+        return {"global_step": self.global_step, "world_size": self.world_size,
+                "global_batch_size": self.global_batch_size, "epoch": self.data_state.epoch,
+                "schedules": asdict(self.schedules)}
+
+    def save(self, save_total_limit: int | None) -> Path:
+        return save_checkpoint(
+            self.accelerator, self.model, self.output_dir, self.global_step, self.trainer_state(), self.data_state,
+            self.collator.state_dict(), self.image_processor, save_total_limit,
+        )
+
+
+def make_accelerator(args: PretrainingArguments):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    output_dir = Path(args.output_dir)
+    return Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=tracker_names(args.report_to),
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
+    )
+
+
+def prepare_output_dir(accelerator, args: PretrainingArguments) -> Path | None:
+    """Create `output_dir` and return the checkpoint to resume from (None: a fresh start). A fresh start into a
+    folder that holds checkpoints is refused unless --overwrite_output_dir, which then removes them."""
+    output_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    resume_path = resolve_resume_path(args.resume_from_checkpoint, str(output_dir))
+    if resume_path is None and list_checkpoints(output_dir):
+        if not args.overwrite_output_dir:
+            raise RuntimeError(
+                f"{output_dir} already holds checkpoints. Pass --resume_from_checkpoint latest to continue, "
+                "--overwrite_output_dir to start again, or another --output_dir."
+            )
+        if accelerator.is_main_process:
+            # Starting again: stale checkpoints of the old run would otherwise be picked up by a later `latest`.
+            logger.info("--overwrite_output_dir: removing the previous run's checkpoints in %s.", output_dir)
+            for old in list_checkpoints(output_dir):
+                shutil.rmtree(old)
+    if resume_path is None and accelerator.is_main_process:
+        (output_dir / TRAIN_LOG_NAME).unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    return resume_path
+
+
+def open_dataset(accelerator, data_args: DataTrainingArguments):
+    """(dataset with only its image column, undecoded; that column's name; samples per epoch or None)."""
+    import datasets as hf_datasets
+
+    with accelerator.main_process_first():
+        dataset = load_train_dataset(data_args)
+    image_column = detect_image_column(dataset.features, data_args.image_column_name)
+    dataset = dataset.select_columns([image_column]).cast_column(image_column, hf_datasets.Image(decode=False))
+    return dataset, image_column, data_args.num_train_samples or count_train_samples(dataset, data_args)
+
+
+def build_run(model_args: ModelArguments, data_args: DataTrainingArguments, args: PretrainingArguments,
+              accelerator) -> PretrainingRun:
+    """Model, optimizer, schedules, mask collator and batch stream of a fresh run (a resume restores into it)."""
+    from accelerate.utils import set_seed
+
+    from .. import IJepaMaskCollator
+    from ..evaluation import default_image_processor
+
+    world_size = accelerator.num_processes
+    set_seed(args.seed)  # same init on every process (DDP also broadcasts rank 0's weights)
+    config = build_config(model_args)
+    model = build_model(model_args, config)
+    # Masks come from IJepaMaskCollator (valid by construction): skip the forward's value checks, each a GPU->CPU sync.
+    model.check_mask_values = False
+    dataset, image_column, num_train_samples = open_dataset(accelerator, data_args)
+    global_batch_size = args.per_device_train_batch_size * world_size * args.gradient_accumulation_steps
+    schedules = resolve_schedules(args, num_train_samples, global_batch_size, data_args.dataset_name)
+    # torch AdamW defaults, as the official code; lr and wd are set every step from the schedules.
+    optimizer = torch.optim.AdamW(
+        optimizer_param_groups(model), lr=schedules.peak_lr, betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon, weight_decay=args.weight_decay,
+        # One fused kernel for all parameters on GPUs (same update rule); torch's default elsewhere.
+        fused=accelerator.device.type == "cuda",
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    rank = accelerator.process_index
+    shard = shard_for_process(dataset, rank, world_size, args.seed, data_args.shuffle_buffer_size)
+    data_state = DataState()
+    stream = ImageBatchStream(
+        shard, image_column, args.per_device_train_batch_size, augmentation_settings(args, config.image_size_hw),
+        seed=args.seed, rank=rank, num_workers=args.dataloader_num_workers, state=data_state,
+    )
+    return PretrainingRun(
+        accelerator=accelerator, model=model, optimizer=optimizer,
+        collator=IJepaMaskCollator(config, seed=args.seed, rank=rank), stream=stream, schedules=schedules,
+        lr_rule=resolve_learning_rates(args, global_batch_size)[3],
+        image_processor=default_image_processor(config.image_size_hw),  # what evaluation of this checkpoint uses
+        output_dir=Path(args.output_dir), world_size=world_size, global_batch_size=global_batch_size,
+        data_state=data_state,
+    )
+
+
+def augmentation_settings(args: PretrainingArguments, crop_size: tuple[int, int]) -> AugmentationSettings:
+    return AugmentationSettings(
+        crop_size=crop_size, crop_scale=tuple(args.crop_scale), horizontal_flip=args.use_horizontal_flip,
+        color_distortion=args.use_color_distortion, color_jitter_strength=args.color_jitter_strength,
+        gaussian_blur=args.use_gaussian_blur,
+    )
+
+
+def restore(run: PretrainingRun, resume_path: Path, ignore_data_skip: bool) -> None:
+    """Load a checkpoint into `run`: weights, optimizer and RNGs (Accelerate), the step, and unless
+    `ignore_data_skip` this process's data position and mask-collator state."""
+    trainer_state = json.loads((resume_path / TRAINER_STATE_NAME).read_text())
+    run.accelerator.load_state(str(resume_path))
+    run.global_step = int(trainer_state["global_step"])
+    saved_world = int(trainer_state["world_size"])
+    if saved_world != run.world_size and not ignore_data_skip:
+        raise RuntimeError(
+            f"{resume_path} was written by {saved_world} processes, this run has {run.world_size}: the data position "
+            "cannot be restored. Relaunch with the same number of processes, or pass --ignore_data_skip to "
+            "continue with fresh data order (batches then differ from an uninterrupted run)."
+        )
+    if not ignore_data_skip:
+        rank_file = resume_path / RANK_STATE_NAME.format(rank=run.accelerator.process_index)
+        rank_state = json.loads(rank_file.read_text())
+        restored = DataState(**rank_state["data"])
+        for name, value in asdict(restored).items():  # in place: the stream holds this object
+            setattr(run.data_state, name, value)
+        run.collator.load_state_dict(rank_state["mask_collator"])
+    logger.info("Resumed from %s at step %d (epoch %d of process 0).", resume_path, run.global_step,
+                run.data_state.epoch)
+
+
+def start_trackers(run: PretrainingRun, model_args, data_args, args, config_name: str) -> None:
+    accelerator = run.accelerator
+    if accelerator.is_main_process:
+        logger.info("Model: %s, %.1fM trainable parameters.", config_name,
+                    sum(p.numel() for p in accelerator.unwrap_model(run.model).trainable_parameters()) / 1e6)
+        logger.info(
+            "Global batch %d = %d per device x %d processes x %d accumulation steps; learning rate: %s.",
+            run.global_batch_size, args.per_device_train_batch_size, run.world_size, args.gradient_accumulation_steps,
+            run.lr_rule,
+        )
+        logger.info("Schedules: %s", run.schedules)
+    if accelerator.log_with:
+        tracker_config = {k: v for k, v in {**asdict(model_args), **asdict(data_args), **asdict(args)}.items()
+                          if isinstance(v, (int, float, str, bool)) and k not in ("token", "hub_token")}
+        tracker_config.update(world_size=run.world_size, global_batch_size=run.global_batch_size)
+        accelerator.init_trackers("ijepa_pretraining", config=tracker_config)
+
+
+def train(run: PretrainingRun, args: PretrainingArguments) -> str | None:
+    """Optimizer steps until the schedule's end; returns why it stopped early (None when it did not)."""
+    from tqdm.auto import tqdm
+
+    accelerator, schedules = run.accelerator, run.schedules
+    progress = tqdm(total=schedules.train_steps, initial=run.global_step, desc="pretraining", dynamic_ncols=True,
+                    disable=not accelerator.is_local_main_process)
+    run.model.train()
+    parameters = [p for p in run.model.parameters() if p.requires_grad]
+    window_start, window_losses = time.perf_counter(), []
+    batches = iter(run.stream)
+    try:
+        while run.global_step < schedules.train_steps:
+            values = schedules.at(run.global_step)
+            outcome = train_step(accelerator, run.model, run.optimizer, batches, run.collator, values, args,
+                                 parameters)
+            if outcome.stop_reason is not None:
+                return f"{outcome.stop_reason} at step {run.global_step}"
+            window_losses.append(outcome.loss)
+            run.run_losses.append(outcome.loss)
+            append_train_log(run, outcome, values)
+            run.global_step += 1
+            progress.update(1)
+            if run.global_step % args.logging_steps == 0 or run.global_step == schedules.train_steps:
+                images_per_second = len(window_losses) * run.global_batch_size / max(
+                    time.perf_counter() - window_start, 1e-9)
+                metrics = step_metrics(accelerator, outcome, values, window_losses, images_per_second, run.data_state)
+                accelerator.log(metrics, step=run.global_step)
+                progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{values['lr']:.2e}",
+                                     img_s=f"{images_per_second:.1f}")
+                window_start, window_losses = time.perf_counter(), []
+            if args.checkpointing_steps and run.global_step % args.checkpointing_steps == 0 and (
+                run.global_step < schedules.train_steps
+            ):
+                logger.info("Saved checkpoint %s", run.save(args.save_total_limit))
+        return None
+    finally:
+        batches.close()  # closes the dataset readers before the interpreter tears pyarrow down
+        run.stream.close()
+        progress.close()
+
+
+def append_train_log(run: PretrainingRun, outcome, values: dict) -> None:
+    """One line per step in `train_log.jsonl` (main process): loss, schedules, optional batch fingerprint."""
+    if not run.accelerator.is_main_process:
+        return
+    record = {"step": run.global_step, "loss": outcome.loss, **values}
+    if outcome.fingerprint is not None:
+        record["batch_fingerprint"] = outcome.fingerprint
+    with (run.output_dir / TRAIN_LOG_NAME).open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def run_results(run: PretrainingRun, checkpoint: Path, start_step: int, runtime: float) -> dict:
+    """The run's summary (also `all_results.json`); checks that every process ends with the same target encoder."""
+    from accelerate.utils import gather_object
+
+    accelerator = run.accelerator
+    checksums = gather_object([tensor_checksum(accelerator.unwrap_model(run.model).target_encoder)])
+    corrupt_total = int(accelerator.reduce(
+        torch.tensor(float(run.data_state.corrupt_images), device=accelerator.device), reduction="sum"
+    ).item())
+    losses = run.run_losses
+    results = {
+        "global_step": run.global_step,
+        "train_loss": sum(losses) / len(losses) if losses else float("nan"),
+        "final_loss": losses[-1] if losses else float("nan"),
+        "world_size": run.world_size,
+        "global_batch_size": run.global_batch_size,
+        "train_runtime": runtime,
+        "train_samples_per_second": (run.global_step - start_step) * run.global_batch_size / max(runtime, 1e-9),
+        "epoch": run.data_state.epoch,
+        "corrupt_images_skipped": corrupt_total,
+        "target_encoder_sha256": checksums,
+        "checkpoint": str(checkpoint),
+        "output_dir": str(run.output_dir),
+    }
+    if len(set(checksums)) != 1:
+        raise RuntimeError(f"The target encoder differs between processes: {checksums}. Please report this bug.")
+    return results
+
+
+def pretrain(model_args: ModelArguments, data_args: DataTrainingArguments, args: PretrainingArguments) -> dict:
+    """Run I-JEPA pretraining with these arguments (the `scripts/pretrain.py` command line's dataclasses) and return
+    the results (`all_results.json`). Raises `TrainingStopped` after saving the last good state on a non-finite loss.
+    """
+    accelerator = make_accelerator(args)
+    setup_logging(accelerator)
+    check_world_size(accelerator)
+    resume_path = prepare_output_dir(accelerator, args)
+    run = build_run(model_args, data_args, args, accelerator)
+    if resume_path is not None:
+        restore(run, resume_path, args.ignore_data_skip)
+    start_trackers(run, model_args, data_args, args, model_args.config_name)
+    start_step, start_time = run.global_step, time.perf_counter()
+    stop_reason = train(run, args)
+    # End of run (also after a non-finite loss: the weights are those before the failing step).
+    checkpoint = run.save(args.save_total_limit)
+    results = run_results(run, checkpoint, start_step, time.perf_counter() - start_time)
+    if accelerator.is_main_process:
+        (run.output_dir / "all_results.json").write_text(json.dumps(results, indent=2))
+    results["is_main_process"] = accelerator.is_main_process  # not in the file: which process returned these
+    accelerator.end_training()
+    if stop_reason is not None:
+        message = (
+            f"Training stopped: {stop_reason}. The last good state is saved in {checkpoint}; resume from it with "
+            "--resume_from_checkpoint after lowering the learning rate or enabling --max_grad_norm."
+        )
+        logger.error(message)
+        raise TrainingStopped(message)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(run.model)
+        write_model_card(run.output_dir, unwrapped.config, model_args, data_args, args, results, run.lr_rule)
+        if args.push_to_hub:
+            logger.info("Pushed to %s", push_run_to_hub(run.output_dir, args))
+    return results

@@ -83,6 +83,27 @@ def sincos_position_embeddings(embed_dim: int, grid_height: int, grid_width: int
     return torch.cat([encode(cols), encode(rows)], dim=1).to(torch.float32)
 
 
+def resample_position_embeddings(
+    position_embeddings: torch.Tensor, grid: tuple[int, int], new_grid: tuple[int, int]
+) -> torch.Tensor:
+    """A position table for another patch grid, resampled the way the encoder resamples its own under
+    `interpolate_pos_encoding=True` (transformers' `IJepaEmbeddings.interpolate_pos_encoding`, as in DINO/DINOv2:
+    bicubic, `align_corners=False`), so that the predictor's positions mean what the context features' positions mean.
+
+    Args:
+        position_embeddings: `(1, grid_height * grid_width, dim)`, raster order.
+        grid / new_grid: `(height, width)` in patches.
+    Returns:
+        `(1, new_height * new_width, dim)`; `position_embeddings` itself when the grids are equal.
+    """
+    if tuple(new_grid) == tuple(grid):
+        return position_embeddings
+    dim = position_embeddings.size(-1)
+    table = position_embeddings.reshape(1, grid[0], grid[1], dim).permute(0, 3, 1, 2)  # (1, D, h, w)
+    table = F.interpolate(table, size=tuple(new_grid), mode="bicubic", align_corners=False)  # (1, D, h', w')
+    return table.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim)
+
+
 def as_mask_list(masks: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...] | None):
     """Normalise a mask argument to a list of `(batch, kept)` LongTensors (one tensor is accepted)."""
     if masks is None:
@@ -425,6 +446,7 @@ class IJepaPredictor(nn.Module):
         context_hidden_states: torch.Tensor,
         context_mask: list[torch.Tensor],
         target_mask: list[torch.Tensor],
+        patch_grid: tuple[int, int] | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """
@@ -432,6 +454,9 @@ class IJepaPredictor(nn.Module):
             context_hidden_states: `(C * B, Kc, hidden_size)`, the context encoder's output.
             context_mask: list of C LongTensors `(B, Kc)`.
             target_mask: list of T LongTensors `(B, Kt)`.
+            patch_grid: `(height, width)` of the image's patch grid the masks index, when it is not the config's
+                (images at another size with `interpolate_pos_encoding`); the position table is then resampled to it
+                (`resample_position_embeddings`).
         Returns:
             `(T * C * B, Kt, hidden_size)` predictions, official order.
         """
@@ -439,7 +464,10 @@ class IJepaPredictor(nn.Module):
         self.layer_config._attn_implementation = self.config._attn_implementation
         num_context, num_target = len(context_mask), len(target_mask)
         batch_size = context_hidden_states.size(0) // num_context
-        positions = self.position_embeddings.expand(batch_size, -1, -1)  # (B, N, P)
+        positions = self.position_embeddings
+        if patch_grid is not None:
+            positions = resample_position_embeddings(positions, self.config.patch_grid, patch_grid)
+        positions = positions.expand(batch_size, -1, -1)  # (B, N, P)
 
         hidden = self.input_projection(context_hidden_states)  # (C*B, Kc, P)
         hidden = hidden + gather_patches(positions, context_mask)
@@ -532,12 +560,16 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         torch._foreach_mul_(target_params, momentum)
         torch._foreach_add_(target_params, context_params, alpha=1.0 - momentum)
 
-    def sample_masks(self, batch_size: int, generator: torch.Generator | None = None):
-        """Multi-block masks from the config's sampler, on the model's device. Without a generator, one is seeded
-        from torch's global RNG (so `torch.manual_seed` makes `model(pixel_values)` reproducible)."""
+    def sample_masks(
+        self, batch_size: int, generator: torch.Generator | None = None, patch_grid: tuple[int, int] | None = None
+    ):
+        """Multi-block masks from the config's sampler, on the model's device, drawn on `patch_grid` (`(height,
+        width)` in patches; default the config's). Without a generator, one is seeded from torch's global RNG (so
+        `torch.manual_seed` makes `model(pixel_values)` reproducible)."""
         if generator is None:
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
-        settings = MaskSamplingSettings.from_config(self.config)
+        grid_height, grid_width = self.config.patch_grid if patch_grid is None else patch_grid
+        settings = MaskSamplingSettings.from_config(self.config, grid_height=grid_height, grid_width=grid_width)
         context_mask, target_mask, _ = sample_masks(settings, batch_size, generator)
         device = self.context_encoder.embeddings.patch_embeddings.projection.weight.device
         return [m.to(device) for m in context_mask], [m.to(device) for m in target_mask]
@@ -573,6 +605,10 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
             context_mask (list of C LongTensors `(B, Kc)`, *optional*): context patches.
             target_mask (list of T LongTensors `(B, Kt)`, *optional*): target patches. When both masks are absent they
                 are sampled with the config's multi-block sampler (using `generator` if given).
+            interpolate_pos_encoding (`bool`, *optional*): images of another size than `config.image_size`. Masks
+                then index the image's own patch grid `(height // patch, width // patch)`: sampled masks are drawn on
+                it, and the encoders and the predictor resample their position tables to it (bicubic, as
+                transformers' encoder does).
             generator (`torch.Generator`, *optional*): randomness for sampled masks.
             allow_overlap (`bool`, *optional*): overrides `config.allow_overlap` for this call (the mask collator sets
                 it for batches in which the official relax step let a context overlap its targets).
@@ -589,12 +625,13 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         if (context_mask is None) != (target_mask is None):
             raise ValueError("Pass both context_mask and target_mask, or neither (then they are sampled).")
         batch_size = pixel_values.size(0)
-        if context_mask is None:
-            context_mask, target_mask = self.sample_masks(batch_size, generator)
-        num_patches = self.config.num_patches
+        patch_grid = self.config.patch_grid
         if interpolate_pos_encoding:
             patch_h, patch_w = self.config.patch_size_hw
-            num_patches = (pixel_values.size(2) // patch_h) * (pixel_values.size(3) // patch_w)
+            patch_grid = (pixel_values.size(2) // patch_h, pixel_values.size(3) // patch_w)
+        if context_mask is None:
+            context_mask, target_mask = self.sample_masks(batch_size, generator, patch_grid=patch_grid)
+        num_patches = patch_grid[0] * patch_grid[1]
         check_values = value_checks_enabled(self)
         validate_masks(context_mask, batch_size, num_patches, "context_mask", check_values=check_values)
         validate_masks(target_mask, batch_size, num_patches, "target_mask", check_values=check_values)
@@ -615,7 +652,9 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
             output_attentions=output_attentions,
         )
         context_hidden_states = context_outputs.last_hidden_state  # (C*B, Kc, D)
-        predicted = self.predictor(context_hidden_states, context_mask, target_mask)  # (T*C*B, Kt, D)
+        predicted = self.predictor(
+            context_hidden_states, context_mask, target_mask, patch_grid=patch_grid
+        )  # (T*C*B, Kt, D)
         if self.config.loss_type == "smooth_l1":
             loss = F.smooth_l1_loss(predicted, targets.to(predicted.dtype))
         else:
@@ -686,5 +725,6 @@ __all__ = [
     "ema_momentum",
     "gather_patches",
     "repeat_interleave_batch",
+    "resample_position_embeddings",
     "sincos_position_embeddings",
 ]

@@ -1,6 +1,7 @@
 """Core models: shapes, save/load, Auto classes, parity with transformers' IJepaModel, predictor/loss/EMA against
 plain re-computations, learning on a fixed batch, and clear errors for bad input."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -22,7 +23,8 @@ from modeling_ijepa import (
     ijepa_config_from_preset,
     sincos_position_embeddings,
 )
-from modeling_ijepa.modeling_ijepa import layer_outputs_for_trailing_tokens
+from modeling_ijepa.masking_ijepa import MaskSamplingSettings, sample_masks
+from modeling_ijepa.modeling_ijepa import layer_outputs_for_trailing_tokens, resample_position_embeddings
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 3
@@ -551,6 +553,74 @@ def test_interpolate_pos_encoding_accepts_other_sizes():
     model = IJepaModel(tiny_config()).eval()
     out = model(torch.randn(2, 3, 48, 48), interpolate_pos_encoding=True)
     assert out.last_hidden_state.shape == (2, 144, 32)
+
+
+# 48 px images on the 32 px tiny config (patch 4): a 12x12 patch grid instead of 8x8.
+LARGE_SIZE, LARGE_GRID = 48, (12, 12)
+
+
+def test_resampled_predictor_positions_equal_the_encoders_resampling():
+    # The predictor resamples its table exactly as transformers' encoder resamples its own (bicubic), so the
+    # positions the predictor adds mean what the context features' positions mean.
+    model = IJepaForPreTraining(tiny_config()).eval()
+    predictor_table = model.predictor.position_embeddings.detach()
+    encoder_embeddings = model.context_encoder.embeddings
+    resampled = resample_position_embeddings(predictor_table, (8, 8), LARGE_GRID)
+    assert resampled.shape == (1, 144, 16)
+    with torch.no_grad():
+        encoder_embeddings.position_embeddings.copy_(torch.nn.functional.pad(predictor_table, (0, 16)))
+        encoder_resampled = encoder_embeddings.interpolate_pos_encoding(
+            torch.zeros(1, 144, 32), LARGE_SIZE, LARGE_SIZE
+        )
+    assert torch.equal(resampled, encoder_resampled[..., :16])
+    assert resample_position_embeddings(predictor_table, (8, 8), (8, 8)) is predictor_table
+
+
+def test_pretraining_at_another_size__given_masks_index_the_image_grid():
+    config = tiny_config()
+    model = IJepaForPreTraining(config).eval()
+    context_mask, target_mask = IJepaMaskCollator(
+        config, seed=0, grid_height=LARGE_GRID[0], grid_width=LARGE_GRID[1]
+    ).sample(BATCH)
+    assert max(int(m.max()) for m in context_mask + target_mask) >= config.num_patches  # beyond the 8x8 grid
+    pixel_values = images(size=LARGE_SIZE)
+    out = model(pixel_values, context_mask=context_mask, target_mask=target_mask, interpolate_pos_encoding=True)
+    assert torch.isfinite(out.loss)
+    assert out.predicted_hidden_states.shape == (4 * BATCH, target_mask[0].size(1), 32)
+
+    # Independent check of the predictor's positions: a copy whose stored table is the bicubic 12x12 one, called
+    # without a grid, predicts the same.
+    table = model.predictor.position_embeddings.detach().reshape(1, 8, 8, 16).permute(0, 3, 1, 2)
+    table = torch.nn.functional.interpolate(table, size=LARGE_GRID, mode="bicubic", align_corners=False)
+    reference = copy.deepcopy(model.predictor)
+    reference.position_embeddings = torch.nn.Parameter(table.permute(0, 2, 3, 1).reshape(1, 144, 16))
+    with torch.no_grad():
+        expected = reference(out.context_hidden_states, context_mask, target_mask)
+    torch.testing.assert_close(out.predicted_hidden_states, expected, atol=0, rtol=0)
+    targets = model.compute_targets(pixel_values, target_mask, 1, interpolate_pos_encoding=True)
+    torch.testing.assert_close(out.target_hidden_states, targets, atol=0, rtol=0)
+
+
+def test_pretraining_at_another_size__samples_masks_on_the_image_grid():
+    config = tiny_config()
+    model = IJepaForPreTraining(config).eval()
+    out = model(images(size=LARGE_SIZE), interpolate_pos_encoding=True, generator=torch.Generator().manual_seed(3))
+    assert torch.isfinite(out.loss)
+    settings = MaskSamplingSettings.from_config(config, grid_height=LARGE_GRID[0], grid_width=LARGE_GRID[1])
+    expected_context, expected_target, _ = sample_masks(settings, BATCH, torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(out.context_mask, expected_context, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(out.target_mask, expected_target, strict=True))
+    assert 0 <= min(int(m.min()) for m in out.context_mask + out.target_mask)
+    assert max(int(m.max()) for m in out.context_mask + out.target_mask) < 144
+
+
+def test_pretraining_at_config_size__grid_argument_changes_nothing():
+    # The default path (config grid) is bitwise what it was: same sampled masks, same loss, same predictions.
+    model = IJepaForPreTraining(tiny_config()).eval()
+    plain = model(images(), generator=torch.Generator().manual_seed(5))
+    interpolated = model(images(), interpolate_pos_encoding=True, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(plain.loss, interpolated.loss)
+    assert torch.equal(plain.predicted_hidden_states, interpolated.predicted_hidden_states)
 
 
 def test_attention_implementations_agree():

@@ -19,10 +19,22 @@ The model files (`configuration_ijepa`, `modeling_ijepa`, `masking_ijepa`) never
 `train` extra (`pip install "modeling-ijepa[train]"`), they need only torch and transformers.
 """
 
-import importlib.util
+import importlib
 
+
+def _missing_modules(names: tuple[str, ...]) -> list[str]:
+    missing = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+# The import names of the `train` extra's packages (pyyaml -> yaml, pillow comes with torchvision).
 _TRAIN_EXTRA = ("accelerate", "datasets", "yaml", "tqdm", "PIL", "torchvision")
-_missing = [name for name in _TRAIN_EXTRA if importlib.util.find_spec(name) is None]
+_missing = _missing_modules(_TRAIN_EXTRA)
 if _missing:
     raise ImportError(
         f"modeling_ijepa.training needs {', '.join(_missing)}, which are not installed: install the training extra "

@@ -151,27 +151,9 @@ def export_fashion_mnist(
     request = {"version": MANIFEST_VERSION, "split": split, "max_samples": max_samples, "num_shards": num_shards}
     manifest = _manifest_path(data_dir, split)
     expected = [data_dir / _shard_name(split, i, num_shards) for i in range(num_shards)]
-    if manifest.exists():
-        try:
-            written = json.loads(manifest.read_text())
-        except json.JSONDecodeError:
-            written = None
-        if written is not None and {k: written.get(k) for k in request} == request and all(p.exists() for p in expected):
-            return str(output_dir)
-
-    images_file, labels_file = (Path(source_dir) / name for name in IDX_FILES[split])
-    for path in (images_file, labels_file):
-        if not path.exists():
-            raise FileNotFoundError(
-                f"{path} not found. Install Debian's Fashion-MNIST with `sudo apt-get install dataset-fashion-mnist` "
-                "(or pass --source_dir to a folder with the original IDX .gz files)."
-            )
-    images = read_idx_images(images_file)
-    labels = read_idx_labels(labels_file)
-    if len(images) != len(labels):
-        raise ValueError(f"{images_file} has {len(images)} images but {labels_file} has {len(labels)} labels.")
-    if max_samples is not None:
-        images, labels = images[:max_samples], labels[:max_samples]
+    if _already_exported(manifest, request, expected):
+        return str(output_dir)
+    images, labels = _read_split(Path(source_dir), split, max_samples)
     if len(images) < num_shards:
         raise ValueError(f"cannot split {len(images)} images into {num_shards} shards.")
 
@@ -213,3 +195,32 @@ def _write_shards(images: np.ndarray, labels: np.ndarray, paths: list[Path], fea
         buffer = io.BytesIO()
         shard.to_parquet(buffer)
         _atomic_write_bytes(path, buffer.getvalue())
+
+
+def _already_exported(manifest: Path, request: dict, expected: list[Path]) -> bool:
+    """True when the split's manifest records this very request and all its shards exist."""
+    if not manifest.exists():
+        return False
+    try:
+        written = json.loads(manifest.read_text())
+    except json.JSONDecodeError:
+        return False
+    return {k: written.get(k) for k in request} == request and all(p.exists() for p in expected)
+
+
+def _read_split(source_dir: Path, split: str, max_samples: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, 28, 28) uint8, labels (N,)) of one split, the first `max_samples` when given."""
+    images_file, labels_file = (source_dir / name for name in IDX_FILES[split])
+    for path in (images_file, labels_file):
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} not found. Install Debian's Fashion-MNIST with `sudo apt-get install dataset-fashion-mnist` "
+                "(or pass --source_dir to a folder with the original IDX .gz files)."
+            )
+    images = read_idx_images(images_file)
+    labels = read_idx_labels(labels_file)
+    if len(images) != len(labels):
+        raise ValueError(f"{images_file} has {len(images)} images but {labels_file} has {len(labels)} labels.")
+    if max_samples is not None:
+        images, labels = images[:max_samples], labels[:max_samples]
+    return images, labels

@@ -12,14 +12,19 @@ The official repository never released its evaluation code; this module follows 
    set and scored on the test set.
 
 `scripts/linear_probe.py` wraps this for any `datasets` image-classification dataset; `scripts/benchmark_learning.py`
-uses it for the pretrained / random-init / raw-pixel comparison. This file imports only torch and transformers.
+uses it for the pretrained / random-init / raw-pixel comparison. `image_transform_from_processor` turns a checkpoint's
+image processor into the train / eval transforms of `scripts/linear_probe.py` and `scripts/finetune.py`.
+
+This file imports only torch and transformers at module level; `image_transform_from_processor` also needs
+torchvision and PIL (the `train` extra) and imports them when called.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -57,6 +62,129 @@ def default_image_processor(image_size: int | Sequence[int], num_channels: int =
             "image_std match them."
         )
     return ViTImageProcessor(size={"height": int(height), "width": int(width)}, image_mean=mean, image_std=std)
+
+
+class ConvertImageMode:
+    """`PIL.Image.convert(mode)` as a picklable transform: any PIL mode (L, RGB, RGBA, P, CMYK, I;16, ...) becomes the
+    mode the model takes ("L" for one channel, "RGB" for three)."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def __call__(self, image):
+        return image.convert(self.mode)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.mode!r})"
+
+
+class RescaleToFloat:
+    """`(C, H, W)` uint8 tensor -> float32 times `factor` (the processor's `rescale_factor`; 1 when `do_rescale` is
+    off). Picklable, unlike a lambda, so the transform can go to DataLoader workers."""
+
+    def __init__(self, factor: float):
+        self.factor = factor
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels.to(torch.float32) * self.factor
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.factor!r})"
+
+
+def _size_field(size: Mapping[str, Any] | Any, key: str) -> int | None:
+    """`size[key]` of a processor size (a dict, or transformers' `SizeDict` whose absent fields are None)."""
+    value = size.get(key) if hasattr(size, "get") else getattr(size, key, None)
+    return None if value is None else int(value)
+
+
+def processor_output_size(image_processor) -> tuple[int, int]:
+    """`(height, width)` of the images `image_processor` produces: `crop_size` when it center-crops, else its resize
+    `size` (`height`/`width`, or a square of `shortest_edge`)."""
+    if getattr(image_processor, "do_center_crop", False):
+        crop = image_processor.crop_size
+        return _size_field(crop, "height"), _size_field(crop, "width")
+    size = image_processor.size
+    height, width = _size_field(size, "height"), _size_field(size, "width")
+    if height is not None and width is not None:
+        return height, width
+    shortest = _size_field(size, "shortest_edge")
+    if shortest is None:
+        raise ValueError(
+            f"Image processor size {size} has neither height/width nor shortest_edge: give a processor with "
+            "size={'height': H, 'width': W} or {'shortest_edge': S} (and crop_size with do_center_crop)."
+        )
+    return shortest, shortest
+
+
+def image_transform_from_processor(image_processor, train: bool, num_channels: int = 3):
+    """The torchvision transform `PIL image -> (num_channels, H, W)` float tensor that a checkpoint's image
+    processor describes, built from all its fields (as transformers' `run_image_classification.py` does):
+
+    * eval (`train=False`): convert the PIL mode, `Resize` (`size.shortest_edge` keeps the aspect ratio,
+      `size.height/width` does not) with the processor's `resample`, `CenterCrop(crop_size)` when
+      `do_center_crop` (a `shortest_edge` processor without one is cropped to a `shortest_edge` square so that
+      images batch), rescale by `rescale_factor`, normalise by `image_mean`/`image_std`. For the processors this
+      project saves (ViT-style default, converted official checkpoints) it gives the processor's own output.
+    * train: `RandomResizedCrop` to the same output size (with `resample`) and a random horizontal flip instead of
+      resize and crop; the rest is the same.
+
+    `H, W` is `processor_output_size(image_processor)`, e.g. 224x224 for a converted ViT-H/14 processor
+    (`shortest_edge` 256, `crop_size` 224) and `image_size` for a pretraining directory's default processor.
+    """
+    try:
+        from PIL import Image
+        from torchvision import transforms
+    except ImportError as error:
+        raise ImportError(
+            "image_transform_from_processor needs torchvision and Pillow: pip install 'modeling-ijepa[train]'."
+        ) from error
+    if num_channels not in (1, 3):
+        raise ValueError(f"num_channels must be 1 (grayscale) or 3 (RGB), got {num_channels}.")
+    resamplings = {
+        Image.Resampling.NEAREST: transforms.InterpolationMode.NEAREST,
+        Image.Resampling.BILINEAR: transforms.InterpolationMode.BILINEAR,
+        Image.Resampling.BICUBIC: transforms.InterpolationMode.BICUBIC,
+        Image.Resampling.BOX: transforms.InterpolationMode.BOX,
+        Image.Resampling.HAMMING: transforms.InterpolationMode.HAMMING,
+        Image.Resampling.LANCZOS: transforms.InterpolationMode.LANCZOS,
+    }
+    resample = getattr(image_processor, "resample", None)
+    # transformers' processors default to bilinear when they store no resample.
+    interpolation = transforms.InterpolationMode.BILINEAR if resample is None else resamplings.get(int(resample))
+    if interpolation is None:
+        raise ValueError(f"Unknown resample {resample!r}: use a PIL.Image.Resampling value (0-5).")
+    output_size = processor_output_size(image_processor)
+
+    steps = [ConvertImageMode("L" if num_channels == 1 else "RGB")]
+    if train:
+        steps += [
+            transforms.RandomResizedCrop(output_size, interpolation=interpolation),
+            transforms.RandomHorizontalFlip(),
+        ]
+    else:
+        if getattr(image_processor, "do_resize", True):
+            size = image_processor.size
+            shortest = _size_field(size, "shortest_edge")
+            if shortest is not None:
+                steps.append(transforms.Resize(shortest, interpolation=interpolation))
+            else:
+                steps.append(
+                    transforms.Resize((_size_field(size, "height"), _size_field(size, "width")), interpolation=interpolation)
+                )
+        if getattr(image_processor, "do_center_crop", False) or _size_field(image_processor.size, "height") is None:
+            steps.append(transforms.CenterCrop(output_size))
+    rescale = image_processor.rescale_factor if getattr(image_processor, "do_rescale", True) else 1.0
+    steps += [transforms.PILToTensor(), RescaleToFloat(rescale)]
+    if getattr(image_processor, "do_normalize", True):
+        mean, std = list(image_processor.image_mean), list(image_processor.image_std)
+        if len(mean) != num_channels or len(std) != num_channels:
+            raise ValueError(
+                f"The image processor normalises {len(mean)} channels (image_mean {mean}) but the model takes "
+                f"{num_channels}: pass --image_processor_name with matching image_mean/image_std."
+            )
+        steps.append(transforms.Normalize(mean=mean, std=std))
+    return transforms.Compose(steps)
 
 
 @torch.no_grad()
@@ -293,6 +421,8 @@ __all__ = [
     "accuracy",
     "extract_features",
     "fit_linear_classifier",
+    "image_transform_from_processor",
     "linear_probe",
     "pooled_features",
+    "processor_output_size",
 ]

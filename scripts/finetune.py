@@ -38,7 +38,6 @@ import numpy as np
 import torch
 import transformers
 from datasets import ClassLabel, load_dataset
-from torchvision import transforms
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -51,7 +50,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 import modeling_ijepa  # noqa: F401  (registers the I-JEPA classes with the Auto classes)
-from modeling_ijepa.evaluation import default_image_processor
+from modeling_ijepa.evaluation import default_image_processor, image_transform_from_processor
 
 logger = logging.getLogger(__name__)
 
@@ -180,33 +179,10 @@ def load_image_processor(model_args: ModelArguments, config):
         return processor
 
 
-def build_transforms(image_processor, num_channels: int):
-    """Train: random resized crop + horizontal flip; eval: resize + center crop (as run_image_classification.py)."""
-    size = image_processor.size
-    if "shortest_edge" in size:
-        crop = (size["shortest_edge"], size["shortest_edge"])
-        resize = size["shortest_edge"]
-    else:
-        crop = (size["height"], size["width"])
-        resize = crop
-    normalize = (
-        transforms.Normalize(mean=image_processor.image_mean, std=image_processor.image_std)
-        if getattr(image_processor, "do_normalize", True)
-        else transforms.Lambda(lambda x: x)
-    )
-    train = transforms.Compose(
-        [transforms.RandomResizedCrop(crop), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize]
-    )
-    evaluation = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(crop), transforms.ToTensor(), normalize])
-    # Any PIL mode (L, RGB, RGBA, P, CMYK, I;16, ...) becomes what the model takes.
-    mode = "L" if num_channels == 1 else "RGB"
-    return train, evaluation, mode
-
-
-def make_transform(image_transform, mode: str, image_column: str, label_column: str):
+def make_transform(image_transform, image_column: str, label_column: str):
     def apply(batch):
         return {
-            "pixel_values": [image_transform(image.convert(mode)) for image in batch[image_column]],
+            "pixel_values": [image_transform(image) for image in batch[image_column]],
             "labels": batch[label_column],
         }
 
@@ -315,14 +291,17 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info("Encoder frozen; training only %s.", trainable)
     image_processor = load_image_processor(model_args, config)
 
-    train_transform, eval_transform, mode = build_transforms(image_processor, config.num_channels)
+    # Train: random resized crop + flip; eval: the processor's resize / center crop; both with its resample,
+    # rescale and mean/std (as run_image_classification.py).
+    train_transform = image_transform_from_processor(image_processor, train=True, num_channels=config.num_channels)
+    eval_transform = image_transform_from_processor(image_processor, train=False, num_channels=config.num_channels)
     image_column, label_column = data_args.image_column_name, data_args.label_column_name
     if training_args.do_train:
         if "train" not in dataset:
             raise ValueError("--do_train needs a train split (--dataset_name with one, or --train_dir).")
         if data_args.max_train_samples is not None:
             dataset["train"] = dataset["train"].shuffle(seed=training_args.seed).select(range(data_args.max_train_samples))
-        dataset["train"].set_transform(make_transform(train_transform, mode, image_column, label_column))
+        dataset["train"].set_transform(make_transform(train_transform, image_column, label_column))
     if training_args.do_eval:
         if "validation" not in dataset:
             raise ValueError("--do_eval needs a validation split (--validation_dir, or a train split to hold out from).")
@@ -330,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
             dataset["validation"] = dataset["validation"].shuffle(seed=training_args.seed).select(
                 range(data_args.max_eval_samples)
             )
-        dataset["validation"].set_transform(make_transform(eval_transform, mode, image_column, label_column))
+        dataset["validation"].set_transform(make_transform(eval_transform, image_column, label_column))
 
     trainer = Trainer(
         model=model,

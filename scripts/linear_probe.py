@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from datasets import ClassLabel, load_dataset
-from torchvision import transforms
 from transformers import AutoImageProcessor, AutoModel, HfArgumentParser
 
 import modeling_ijepa  # noqa: F401  (registers the I-JEPA classes with the Auto classes)
@@ -36,6 +35,7 @@ from modeling_ijepa.evaluation import (
     ProbeSettings,
     default_image_processor,
     extract_features,
+    image_transform_from_processor,
     linear_probe,
 )
 
@@ -99,25 +99,6 @@ def load_processor(path: str | None, fallback_config=None, image_size: int | Non
     raise ValueError("No image processor found: pass --image_processor_name or --image_size.")
 
 
-def eval_transform(image_processor, num_channels: int):
-    """Resize + center crop + normalise (the evaluation transform of run_image_classification.py)."""
-    size = image_processor.size
-    if "shortest_edge" in size:
-        resize, crop = size["shortest_edge"], (size["shortest_edge"], size["shortest_edge"])
-    else:
-        resize = crop = (size["height"], size["width"])
-    mode = "L" if num_channels == 1 else "RGB"
-    pipeline = transforms.Compose(
-        [
-            transforms.Resize(resize),
-            transforms.CenterCrop(crop),
-            transforms.ToTensor(),
-            transforms.Normalize(image_processor.image_mean, image_processor.image_std),
-        ]
-    )
-    return lambda image: pipeline(image.convert(mode))
-
-
 def batches(
     examples: Iterable[dict], transform, image_column: str, label_column: str, batch_size: int, limit: int | None
 ) -> Iterator[dict]:
@@ -165,7 +146,8 @@ def run_linear_probe(args: LinearProbeArguments) -> dict:
         num_channels = encoder.config.num_channels
         num_layers = args.num_layers
     encoder.eval()
-    transform = eval_transform(processor, num_channels)
+    # Every field of the processor (resize, center crop, resample, rescale, mean/std), as finetune.py evaluates.
+    transform = image_transform_from_processor(processor, train=False, num_channels=num_channels)
 
     train = load_dataset(args.dataset_name, args.dataset_config_name, split=args.train_split, streaming=args.streaming)
     test = load_dataset(args.dataset_name, args.dataset_config_name, split=args.test_split, streaming=args.streaming)

@@ -12,8 +12,10 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from modeling_ijepa import IJepaForImageClassification, IJepaForPreTraining, ijepa_config_from_preset
+from official_style_checkpoints import OFFICIAL_IMAGE_SIZE, save_official_style_encoder
 
 # Subprocesses (Trainer / accelerate launch) take tens of seconds of CPU.
 pytestmark = pytest.mark.slow
@@ -62,13 +64,13 @@ def workspace(tmp_path_factory):
     return root
 
 
-def run_finetune(workspace, output_name, *extra):
+def run_finetune(workspace, output_name, *extra, model="pretrained", data="", max_steps=3):
     output_dir = workspace / output_name
     command = [
         sys.executable, FINETUNE,
-        "--model_name_or_path", str(workspace / "pretrained"),
-        "--train_dir", str(workspace / "train"), "--validation_dir", str(workspace / "val"),
-        "--output_dir", str(output_dir), "--do_train", "--do_eval", "--max_steps", "3",
+        "--model_name_or_path", str(workspace / model),
+        "--train_dir", str(workspace / data / "train"), "--validation_dir", str(workspace / data / "val"),
+        "--output_dir", str(output_dir), "--do_train", "--do_eval", "--max_steps", str(max_steps),
         "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--learning_rate", "1e-2",
         "--report_to", "none", "--save_strategy", "no", "--use_cpu", "--dataloader_num_workers", "0",
         "--seed", "0", "--log_level", "info", *extra,
@@ -92,10 +94,12 @@ def full_run(workspace):
     return run_finetune(workspace, "full")
 
 
-def test_finetune__writes_offline_metrics_and_labels(full_run):
+def test_finetune__writes_offline_metrics_and_labels(workspace, full_run):
     output_dir, log = full_run
     results = json.loads((output_dir / "all_results.json").read_text())
-    assert 0.0 <= results["eval_accuracy"] <= 1.0
+    # The reported accuracy is the saved model's on the validation folder, preprocessed by the saved processor.
+    accuracy, total = accuracy_with_processor(output_dir, workspace / "val")
+    assert total == 12 and results["eval_accuracy"] == accuracy
     # 6 classes > 5: top-5 is reported, and can never be below top-1.
     assert results["top5_accuracy" if "top5_accuracy" in results else "eval_top5_accuracy"] >= results["eval_accuracy"]
     assert "train_loss" in results
@@ -152,3 +156,43 @@ def test_finetune__result_loads_in_plain_transformers(frozen_run):
     assert result.returncode == 0, result.stderr[-3000:]
     logits = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def accuracy_with_processor(output_dir, val_dir):
+    """Top-1 accuracy of the saved classifier on `val_dir`, preprocessed by the saved image processor itself."""
+    model = AutoModelForImageClassification.from_pretrained(output_dir).eval()
+    processor = AutoImageProcessor.from_pretrained(output_dir)
+    correct = total = 0
+    for name, label in model.config.label2id.items():
+        for path in sorted((val_dir / name).iterdir()):
+            pixel_values = processor(images=Image.open(path).convert("RGB"), return_tensors="pt")["pixel_values"]
+            correct += int(model(pixel_values).logits.argmax(-1).item() == label)
+            total += 1
+    return correct / total, total
+
+
+@pytest.fixture(scope="module")
+def official_run(workspace):
+    # A converted official-style encoder: its processor resizes the short side to 256 and center-crops 224.
+    save_official_style_encoder(workspace / "official_encoder")
+    rng = np.random.default_rng(2)
+    for split, count in (("train", 2), ("val", 2)):
+        for name, level in (("dark", 40), ("bright", 215)):
+            os.makedirs(workspace / "large" / split / name)
+            for index in range(count):
+                pixels = np.clip(level + rng.normal(0, 12, (240 + 60 * index, 300, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(workspace / "large" / split / name / f"{index}.png")
+    return run_finetune(workspace, "official", "--per_device_train_batch_size", "2", model="official_encoder",
+                        data="large", max_steps=1)
+
+
+def test_finetune__converted_official_checkpoint_trains_and_evaluates_at_its_crop(workspace, official_run):
+    # Before: the transforms cropped to shortest_edge (256) and the 224 px model refused every batch.
+    output_dir, _ = official_run
+    processor = json.loads((output_dir / "preprocessor_config.json").read_text())
+    assert processor["size"] == {"shortest_edge": 256}
+    assert processor["crop_size"] == {"height": OFFICIAL_IMAGE_SIZE, "width": OFFICIAL_IMAGE_SIZE}
+    results = json.loads((output_dir / "all_results.json").read_text())
+    accuracy, total = accuracy_with_processor(output_dir, workspace / "large" / "val")
+    assert total == 4 and results["eval_accuracy"] == accuracy

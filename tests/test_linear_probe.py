@@ -8,9 +8,21 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoImageProcessor
 
 from modeling_ijepa import IJepaModel, ijepa_config_from_preset
-from modeling_ijepa.evaluation import ProbeSettings, Standardizer, extract_features, linear_probe, pooled_features
+from modeling_ijepa.convert_official import eval_image_processor
+from modeling_ijepa.evaluation import (
+    ProbeSettings,
+    Standardizer,
+    default_image_processor,
+    extract_features,
+    image_transform_from_processor,
+    linear_probe,
+    pooled_features,
+    processor_output_size,
+)
+from official_style_checkpoints import OFFICIAL_IMAGE_SIZE, save_official_style_encoder
 from script_loading import load_script
 
 @pytest.fixture(autouse=True, scope="module")
@@ -147,3 +159,63 @@ def test_linear_probe_script__needs_exactly_one_source(separable_dataset):
     script = load_script("linear_probe")
     with pytest.raises(ValueError, match="exactly one"):
         script.main(["--dataset_name", str(separable_dataset)])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The checkpoint's image processor, all of it: converted official checkpoints resize to 256 and crop 224.
+
+# One uint8 level after normalisation by the smallest ImageNet std: transformers resizes a tensor, torchvision a PIL
+# image, and the two round differently by at most one level.
+ONE_LEVEL = 1.0 / 255 / 0.224 + 1e-6
+
+
+def test_image_transform_from_processor__eval_matches_the_processor_output():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    official = eval_image_processor(ijepa_config_from_preset("tiny-cpu", image_size=224, patch_size=16))
+    for processor, size in ((official, (224, 224)), (default_image_processor(32), (32, 32))):
+        expected = processor(images=image, return_tensors="pt")["pixel_values"][0]
+        pixels = image_transform_from_processor(processor, train=False)(image)
+        assert processor_output_size(processor) == size and pixels.shape == (3, *size) == expected.shape
+        torch.testing.assert_close(pixels, expected, atol=ONE_LEVEL, rtol=0)
+        # Training crops land on the same size, from a grayscale image too.
+        assert image_transform_from_processor(processor, train=True)(image.convert("L")).shape == (3, *size)
+
+
+def test_image_transform_from_processor__reads_resample_and_rescale():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    processor = eval_image_processor(ijepa_config_from_preset("tiny-cpu", image_size=224, patch_size=16))
+    bicubic = image_transform_from_processor(processor, train=False)(image)
+    processor.resample = 0  # nearest
+    nearest = image_transform_from_processor(processor, train=False)(image)
+    assert (nearest - bicubic).abs().max() > 10 * ONE_LEVEL
+    processor.do_rescale, processor.do_normalize = False, False
+    raw = image_transform_from_processor(processor, train=False)(image)
+    assert raw.dtype == torch.float32 and float(raw.max()) == 255.0 and torch.equal(raw, raw.round())
+
+
+def write_brightness_folder(root, sizes):
+    # Two classes, dark and bright, in images larger and smaller than the processor's 256 short side.
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("test", 4)):
+        for name, level in (("dark", 40), ("bright", 215)):
+            os.makedirs(root / split / name)
+            for index in range(count):
+                height, width = sizes[index % len(sizes)]
+                pixels = np.clip(level + rng.normal(0, 12, (height, width, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels, mode="RGB").save(root / split / name / f"{index}.png")
+    return root
+
+
+def test_linear_probe_script__converted_official_checkpoint_uses_its_crop(tmp_path):
+    # Before: the script cropped to the processor's shortest_edge (256) and the 224 px model refused the images.
+    encoder = save_official_style_encoder(tmp_path / "encoder")
+    processor = AutoImageProcessor.from_pretrained(encoder)
+    assert processor_output_size(processor) == (OFFICIAL_IMAGE_SIZE, OFFICIAL_IMAGE_SIZE)
+    dataset = write_brightness_folder(tmp_path / "data", sizes=[(240, 300), (300, 260)])
+    output = load_script("linear_probe").main([
+        "--model_name_or_path", str(encoder), "--dataset_name", str(dataset), "--batch_size", "8",
+        "--weight_decays", "1e-2",
+    ])
+    assert output["num_train"] == 12 and output["num_test"] == 8 and output["feature_dim"] == 32
+    assert output["test_accuracy"] == 1.0

@@ -20,6 +20,8 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["modeling_ijepa", "modeling_ijepa.*"]),
+    # Runtime files that are not Python: the model card templates read by modeling_ijepa/cards.py.
+    package_data={"modeling_ijepa": ["model_cards/*.md"]},
     python_requires=">=3.10",
     # transformers 5.x: the weight names (`layers.N.attention.q_proj`) and conversion-mapping API we build on.
     install_requires=["torch>=2.4", "transformers>=5.0,<6", "safetensors"],

@@ -1,4 +1,4 @@
-"""Model cards for this project's Hub outputs, rendered from the Jinja templates in `model_cards/` with
+"""Model cards for this project's Hub outputs, rendered from the Jinja templates in `modeling_ijepa/model_cards/` with
 `huggingface_hub.ModelCard` and validated YAML metadata.
 
 Three kinds, one function each; every script that writes a directory meant for the Hub calls one and then
@@ -25,7 +25,8 @@ META_WEIGHTS_LICENSE = "cc-by-nc-4.0"
 # This project's code license (setup.py); a sensible default for weights trained from scratch with it.
 PROJECT_LICENSE = "apache-2.0"
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "model_cards"
+# Inside the package (shipped as package data, see setup.py), so cards work after a regular `pip install .` too.
+TEMPLATE_DIR = Path(__file__).resolve().parent / "model_cards"
 TEMPLATES = {"pretraining": "pretraining.md", "encoder": "encoder.md", "classifier": "classifier.md"}
 
 BASE_TAGS = ["ijepa", "i-jepa", "self-supervised-learning", "vision-transformer", "vision"]
@@ -136,8 +137,9 @@ def _render(kind: str, data: ModelCardData, template_dir: Path | None, **facts) 
     template = Path(template_dir or TEMPLATE_DIR) / TEMPLATES[kind]
     if not template.is_file():
         raise FileNotFoundError(
-            f"Model card template {template} is missing; run from a checkout of this repository or pass "
-            "template_dir= pointing at its model_cards/ folder."
+            f"Model card template {template} is missing: reinstall the package (the templates ship as package data "
+            "in modeling_ijepa/model_cards/) or pass template_dir= pointing at a folder holding "
+            f"{sorted(TEMPLATES.values())}."
         )
     return ModelCard.from_template(data, template_path=str(template), citation=CITATION, **facts)
 

@@ -1,5 +1,6 @@
 """Uploads (modeling_ijepa/hub.py, scripts/push_to_hub.py, the conversion script's --push_to_hub) against a small
-local Hub endpoint, and model cards (modeling_ijepa/cards.py, model_cards/).
+local Hub endpoint, and model cards (modeling_ijepa/cards.py, modeling_ijepa/model_cards/), also after a regular
+(non-editable) install.
 
 `FakeHub` answers, on loopback, the HTTP calls the real `huggingface_hub` client makes for `create_repo`,
 `create_branch` and `create_commit` (validate-yaml, preupload, commit); it stores what arrives so the tests can
@@ -13,8 +14,10 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import textwrap
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -392,3 +395,43 @@ def test_cards__classifier_card_has_model_index_with_measured_results(tmp_path):
     assert result["metrics"] == [{"type": "accuracy", "value": 0.8125, "name": "Top-1 accuracy"}]
     text = (tmp_path / "README.md").read_text()
     assert "linear, 3 classes: cat, dog, owl" in text and "| Fashion-MNIST | test | Top-1 accuracy | 0.8125 |" in text
+
+
+# Everything setup.py needs to build the package, copied out so the build writes nothing into the checkout.
+BUILD_INPUTS = ("setup.py", "README.md", "MANIFEST.in", "modeling_ijepa")
+
+
+def test_cards__templates_ship_in_a_regular_install(tmp_path):
+    # Before: TEMPLATE_DIR pointed outside the package, at site-packages/model_cards, after a non-editable install.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in BUILD_INPUTS:
+        if (REPO_ROOT / name).is_dir():
+            shutil.copytree(REPO_ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(REPO_ROOT / name, source / name)
+    target = tmp_path / "site-packages"
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "--quiet",
+         "--target", str(target), str(source)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-3000:]
+    assert sorted(p.name for p in (target / "modeling_ijepa" / "model_cards").iterdir()) == [
+        "classifier.md", "encoder.md", "pretraining.md"
+    ]
+    code = f"""
+        import modeling_ijepa.cards as cards
+        from modeling_ijepa import ijepa_config_from_preset
+        assert cards.__file__.startswith({str(target)!r}), cards.__file__
+        assert str(cards.TEMPLATE_DIR).startswith({str(target)!r}), cards.TEMPLATE_DIR
+        card = cards.encoder_card(ijepa_config_from_preset("tiny-cpu"), which="target",
+                                  provenance=cards.Provenance(source="a test"))
+        print(cards.save_card(card, {str(tmp_path)!r}))
+    """
+    env = dict(os.environ, PYTHONPATH=str(target), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                            env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.pipeline_tag == "image-feature-extraction" and "target-encoder" in card.data.tags

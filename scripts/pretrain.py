@@ -10,20 +10,44 @@
 
 Arguments come from the command line, from a YAML/JSON file given as the first argument, or both (the command line
 wins); `--help` lists them. The loop itself is `modeling_ijepa.training.pretrain` (docs/architecture.md).
+
+Exit codes: 0 done, 1 failed (a one-line reason), 2 bad arguments (checked before anything is built), 75 preempted
+by SIGTERM or --save_on_signal after saving a checkpoint (resume with --resume_from_checkpoint latest).
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 from modeling_ijepa.training import TrainingStopped, parse_arguments, pretrain
+from modeling_ijepa.training.checkpoints import CheckpointCorruptError, CheckpointSpaceError
+from modeling_ijepa.training.preemption import Preempted
+from modeling_ijepa.training.validation import ArgumentError, validate_arguments
+
+ARGUMENT_ERROR_EXIT_CODE = 2  # argparse's
+
+
+def is_main_launch_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"  # set by the launcher; absent in a single-process run
 
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, run_args = parse_arguments(argv)
     try:
+        validate_arguments(model_args, data_args, run_args)  # before the Accelerator, the data and the model
         results = pretrain(model_args, data_args, run_args)
-    except TrainingStopped as stopped:
+    except ArgumentError as error:
+        if is_main_launch_process():
+            prog = Path(sys.argv[0]).name
+            print("\n".join(f"{prog}: error: {line}" for line in error.problems), file=sys.stderr)
+        raise SystemExit(ARGUMENT_ERROR_EXIT_CODE) from None
+    except Preempted as preempted:
+        if is_main_launch_process():
+            print(str(preempted), file=sys.stderr)
+        raise SystemExit(preempted.exit_code) from None
+    except (TrainingStopped, CheckpointCorruptError, CheckpointSpaceError) as stopped:
         raise SystemExit(str(stopped)) from None
     output_dir = Path(results["output_dir"]).resolve()
     if results["is_main_process"]:

@@ -153,6 +153,28 @@ class PretrainingArguments:
         default=None,
         metadata={"help": "A checkpoint folder, or 'latest' (the newest in output_dir; none yet starts from scratch)."},
     )
+    checkpoint_verification: str = field(
+        default="fast",
+        metadata={
+            "help": "How a resume checks a checkpoint against its manifest: 'fast' (default) compares every file's "
+            "size and the sha256 of files up to 64 MiB (trainer, data and RNG state; small models' weights), "
+            "'full' also hashes the weights and optimizer state (reads the whole checkpoint once more)."
+        },
+    )
+    save_on_signal: str | None = field(
+        default=None,
+        metadata={
+            "help": "Signals besides SIGTERM (always handled) that make every process finish its step, save a "
+            "checkpoint and exit with code 75 (comma-separated, e.g. SIGUSR1 for SLURM's --signal=USR1@120)."
+        },
+    )
+    preemption_check_steps: int = field(
+        default=1,
+        metadata={
+            "help": "Processes agree on a received signal every N optimizer steps (one all-reduce of one number); "
+            "raise it only if a step is much shorter than the scheduler's grace time."
+        },
+    )
     ignore_data_skip: bool = field(
         default=False,
         metadata={

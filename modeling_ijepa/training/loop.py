@@ -29,7 +29,7 @@ from .arguments import (
 )
 from .building import build_config, build_model, optimizer_param_groups
 from .checkpoints import (
-    RANK_STATE_NAME, TRAINER_STATE_NAME, list_checkpoints, resolve_resume_path, save_checkpoint, tensor_checksum,
+    RANK_STATE_NAME, TRAINER_STATE_NAME, list_checkpoints, resolve_resume_path_once, save_checkpoint, tensor_checksum,
 )
 from .data import (
     AugmentationSettings, DataState, ImageBatchStream, count_train_samples, detect_image_column, load_train_dataset,
@@ -37,7 +37,9 @@ from .data import (
 )
 from .publish import push_run_to_hub, write_model_card
 from .schedules import Schedules
+from .preemption import Preempted, PreemptionGuard
 from .step import step_metrics, train_step
+from .validation import validate_arguments, validate_world_size
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +112,7 @@ class PretrainingRun:
     data_state: DataState = field(default_factory=DataState)
     global_step: int = 0
     run_losses: list[float] = field(default_factory=list)
+    preemption: PreemptionGuard | None = None  # set by `pretrain` while training
 
     def trainer_state(self) -> dict:
         return {"global_step": self.global_step, "world_size": self.world_size,
@@ -143,7 +146,8 @@ def prepare_output_dir(accelerator, args: PretrainingArguments) -> Path | None:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    resume_path = resolve_resume_path(args.resume_from_checkpoint, str(output_dir))
+    resume_path = resolve_resume_path_once(accelerator, args.resume_from_checkpoint, str(output_dir),
+                                           args.checkpoint_verification)
     if resume_path is None and list_checkpoints(output_dir):
         if not args.overwrite_output_dir:
             raise RuntimeError(
@@ -295,6 +299,9 @@ def train(run: PretrainingRun, args: PretrainingArguments) -> str | None:
                 progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{values['lr']:.2e}",
                                      img_s=f"{images_per_second:.1f}")
                 window_start, window_losses = time.perf_counter(), []
+            if run.preemption is not None and run.preemption.should_stop(accelerator, run.global_step,
+                                                                         schedules.train_steps):
+                return run.preemption.stop_reason()  # `pretrain` saves this step's checkpoint
             if args.checkpointing_steps and run.global_step % args.checkpointing_steps == 0 and (
                 run.global_step < schedules.train_steps
             ):
@@ -348,25 +355,34 @@ def run_results(run: PretrainingRun, checkpoint: Path, start_step: int, runtime:
 
 def pretrain(model_args: ModelArguments, data_args: DataTrainingArguments, args: PretrainingArguments) -> dict:
     """Run I-JEPA pretraining with these arguments (the `scripts/pretrain.py` command line's dataclasses) and return
-    the results (`all_results.json`). Raises `TrainingStopped` after saving the last good state on a non-finite loss.
+    the results (`all_results.json`). Raises `validation.ArgumentError` before anything is built for arguments that
+    cannot make a run, `TrainingStopped` after saving the last good state on a non-finite loss, `preemption.Preempted`
+    after saving on SIGTERM or --save_on_signal, `checkpoints.CheckpointSpaceError` when the disk fills up.
     """
+    validate_arguments(model_args, data_args, args)  # before any data is read or model built
     accelerator = make_accelerator(args)
     setup_logging(accelerator)
-    check_world_size(accelerator)
+    world_size = check_world_size(accelerator)
     resume_path = prepare_output_dir(accelerator, args)
+    validate_world_size(args, data_args, world_size, resume_path)
     run = build_run(model_args, data_args, args, accelerator)
     if resume_path is not None:
         restore(run, resume_path, args.ignore_data_skip)
     start_trackers(run, model_args, data_args, args, model_args.config_name)
     start_step, start_time = run.global_step, time.perf_counter()
-    stop_reason = train(run, args)
-    # End of run (also after a non-finite loss: the weights are those before the failing step).
-    checkpoint = run.save(args.save_total_limit)
+    run.preemption = PreemptionGuard.from_arguments(args)
+    with run.preemption:  # a second signal during the save must not kill it
+        stop_reason = train(run, args)
+        # End of run (also after a non-finite loss or a preemption: the weights are those of the last good step).
+        checkpoint = run.save(args.save_total_limit)
     results = run_results(run, checkpoint, start_step, time.perf_counter() - start_time)
     if accelerator.is_main_process:
         (run.output_dir / "all_results.json").write_text(json.dumps(results, indent=2))
     results["is_main_process"] = accelerator.is_main_process  # not in the file: which process returned these
     accelerator.end_training()
+    if run.preemption.agreed_step is not None:
+        logger.warning(run.preemption.message(checkpoint))
+        raise Preempted(run.preemption.message(checkpoint))
     if stop_reason is not None:
         message = (
             f"Training stopped: {stop_reason}. The last good state is saved in {checkpoint}; resume from it with "

@@ -1,0 +1,96 @@
+"""Graceful preemption: on SIGTERM (or another `--save_on_signal`), finish the step, save, exit with code 75.
+
+Schedulers warn before they kill: SLURM sends SIGTERM (or the signal of `--signal=USR1@120`) and SIGKILL after a grace
+time, Kubernetes and the clouds' spot instances send SIGTERM. The handler only records the signal; the loop asks
+`PreemptionGuard.should_stop` at the step boundary, where all processes take part in one tiny collective (a gather of
+one number per process, every `--preemption_check_steps` steps): a signal that reached one process stops all of them
+after the same step, so they save one consistent checkpoint. Against the step itself (a forward, a backward and the
+gradient all-reduce of the whole model) this gather is negligible, hence the default of checking every step.
+
+`PREEMPTED_EXIT_CODE` is 75 (`EX_TEMPFAIL` of sysexits.h, "try again later"): distinct from a crash (1), bad arguments
+(2) and a kill by SIGTERM (143), so a requeue script can tell "checkpoint saved, resume me" from a failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import torch
+
+from .validation import signal_names
+
+logger = logging.getLogger(__name__)
+
+PREEMPTED_EXIT_CODE = 75  # os.EX_TEMPFAIL
+
+
+class Preempted(RuntimeError):
+    """A signal stopped the run after a step; the checkpoint is saved and the message says how to resume."""
+
+    exit_code = PREEMPTED_EXIT_CODE
+
+
+class PreemptionGuard:
+    """Signal handlers that record a preemption request, and the step-boundary agreement between processes.
+
+    Use as a context manager around training and the save after it (handlers are restored on exit; they are only
+    installed in the main thread, where Python runs signal handlers)."""
+
+    def __init__(self, signals: list[int], check_steps: int = 1):
+        self.signals = list(dict.fromkeys([signal.SIGTERM, *signals]))
+        self.check_steps = check_steps
+        self.received: int = 0  # the first signal this process got (0: none)
+        self.agreed_signal: int = 0  # the signal all processes stopped for (0: not stopped)
+        self.agreed_step: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @classmethod
+    def from_arguments(cls, args) -> PreemptionGuard:
+        names = signal_names(args.save_on_signal)
+        return cls([getattr(signal, name) for name in names], check_steps=args.preemption_check_steps)
+
+    def _handle(self, signum, frame) -> None:
+        # Only a flag: the step in flight (and its collectives) must finish on every process before anyone saves.
+        if not self.received:
+            self.received = signum
+
+    def __enter__(self) -> PreemptionGuard:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.signals:
+                self._previous[signum] = signal.signal(signum, self._handle)
+                signal.siginterrupt(signum, False)  # restart interrupted system calls (file writes, sockets)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def should_stop(self, accelerator, step: int, train_steps: int) -> bool:
+        """At the boundary after `step` optimizer steps: did any process get a signal? The same answer on every
+        process (a gather of one number each, every `check_steps` steps); never at the run's last step."""
+        if step % self.check_steps or step >= train_steps:
+            return False
+        received = accelerator.gather(torch.tensor([self.received], device=accelerator.device))
+        self.agreed_signal = int(received.max().item())
+        if not self.agreed_signal:
+            return False
+        self.agreed_step = step
+        logger.warning("%s received (by process %s): stopping after step %d to save a checkpoint.",
+                       self.signal_name, received.nonzero().flatten().tolist(), step)
+        return True
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.agreed_signal).name if self.agreed_signal else "no signal"
+
+    def stop_reason(self) -> str:
+        return f"preempted by {self.signal_name} at step {self.agreed_step}"
+
+    def message(self, checkpoint) -> str:
+        return (
+            f"Preempted by {self.signal_name} after step {self.agreed_step}: saved {checkpoint}. Resume with the same "
+            f"command plus --resume_from_checkpoint latest (exit code {PREEMPTED_EXIT_CODE})."
+        )

@@ -23,8 +23,11 @@ setup(
     # Runtime files that are not Python: the model card templates read by modeling_ijepa/cards.py.
     package_data={"modeling_ijepa": ["model_cards/*.md"]},
     python_requires=">=3.10",
-    # transformers 5.x: the weight names (`layers.N.attention.q_proj`) and conversion-mapping API we build on.
-    install_requires=["torch>=2.4", "transformers>=5.0,<6", "safetensors"],
+    # transformers 5.x: the weight names (`layers.N.attention.q_proj`) and conversion-mapping API we build on. 5.0.0
+    # is too old (no `transformers.utils.output_capturing`, no `merge_with_config_defaults`, IJepaModel still in the
+    # `encoder.layer.N` layout); 5.24 is the lowest version the test suite has run on (first good one not bisected).
+    # huggingface_hub: modeling_ijepa/hub.py works with 1.0 (httpx) and 2.x (httpx2); transformers sets the real floor.
+    install_requires=["torch>=2.4", "transformers>=5.24,<6", "safetensors"],
     extras_require={
         "train": TRAIN_REQUIRES,
         "dev": ["pytest>=7"] + TRAIN_REQUIRES,

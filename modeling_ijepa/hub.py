@@ -13,11 +13,11 @@ what to do.
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import httpx2  # huggingface_hub's HTTP client: its transport errors mean "no network"
 from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.hf_api import CommitInfo
@@ -27,6 +27,24 @@ logger = logging.getLogger(__name__)
 # Never uploaded: VCS data, Python caches, and the local cache huggingface_hub keeps inside uploaded folders.
 IGNORED_PARTS = {".git", "__pycache__", ".cache", ".ipynb_checkpoints"}
 IGNORED_SUFFIXES = (".pyc", ".lock")
+
+
+# huggingface_hub's HTTP client, whose transport errors (DNS, refused connection, timeout) mean "no network":
+# `httpx` in huggingface_hub 1.x, `httpx2` in 2.x. huggingface_hub has no public class for them.
+HTTP_CLIENT_MODULES = ("httpx2", "httpx")
+
+
+def http_transport_errors() -> tuple[type[BaseException], ...]:
+    """The `TransportError` classes of the HTTP clients importable here (see `HTTP_CLIENT_MODULES`), plus the
+    built-in `ConnectionError`; whichever one huggingface_hub uses is among them."""
+    errors: list[type[BaseException]] = []
+    for name in HTTP_CLIENT_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue  # not the client of this huggingface_hub version
+        errors.append(module.TransportError)
+    return (*errors, ConnectionError)
 
 
 class HubUploadError(RuntimeError):
@@ -93,7 +111,7 @@ def push_folder_to_hub(
     if "README.md" not in paths:
         logger.warning("%s has no README.md: the repo will have no model card (see modeling_ijepa.cards).", folder)
     hint = _retry_hint(folder, repo_id, revision, private)
-    if constants.is_offline_mode():
+    if constants.HF_HUB_OFFLINE:  # (huggingface_hub 1.0 has no is_offline_mode())
         raise HubUploadError(
             f"Cannot upload to {repo_id}: Hugging Face offline mode is on (HF_HUB_OFFLINE=1). Unset it on a machine "
             f"with network access. {hint}"
@@ -119,12 +137,7 @@ def push_folder_to_hub(
             revision=revision,
             repo_type="model",
         )
-    except httpx2.TransportError as error:
-        raise HubUploadError(
-            f"Cannot reach the Hub at {api.endpoint} ({type(error).__name__}: {error}). Check the network or "
-            f"HF_ENDPOINT. {hint}"
-        ) from error
-    except HfHubHTTPError as error:
+    except HfHubHTTPError as error:  # the server answered (checked first: it is an OSError too)
         status = error.response.status_code if error.response is not None else "?"
         advice = {
             401: "the token was rejected: log in again (`hf auth login`) or set a valid HF_TOKEN",
@@ -133,8 +146,13 @@ def push_folder_to_hub(
         raise HubUploadError(
             f"The Hub refused the upload to {repo_id} (HTTP {status}): {advice}.\nServer said: {error}\n{hint}"
         ) from error
+    except http_transport_errors() as error:
+        raise HubUploadError(
+            f"Cannot reach the Hub at {api.endpoint} ({type(error).__name__}: {error}). Check the network or "
+            f"HF_ENDPOINT. {hint}"
+        ) from error
     logger.info("Uploaded %d files of %s to %s: %s", len(paths), folder, repo_url, info.commit_url)
     return info
 
 
-__all__ = ["HubUploadError", "files_to_upload", "push_folder_to_hub"]
+__all__ = ["HubUploadError", "files_to_upload", "http_transport_errors", "push_folder_to_hub"]

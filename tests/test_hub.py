@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -435,3 +437,15 @@ def test_cards__templates_ship_in_a_regular_install(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.pipeline_tag == "image-feature-extraction" and "target-encoder" in card.data.tags
+
+
+def test_hub_module__imports_with_the_http_client_of_huggingface_hub_1(monkeypatch):
+    # huggingface_hub 1.x (allowed by setup.py) uses httpx, 2.x httpx2. Before: `import httpx2` at module level.
+    fake_httpx = types.ModuleType("httpx")
+    fake_httpx.TransportError = type("TransportError", (Exception,), {})
+    monkeypatch.setitem(sys.modules, "httpx2", None)  # import fails, as where huggingface_hub 1.x is installed
+    monkeypatch.setitem(sys.modules, "httpx", fake_httpx)
+    spec = importlib.util.spec_from_file_location("hub_with_httpx", REPO_ROOT / "modeling_ijepa" / "hub.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.http_transport_errors() == (fake_httpx.TransportError, ConnectionError)

@@ -102,7 +102,7 @@ BAD_ARGUMENTS = [  # (extra command-line arguments, what the one-line message mu
     (["--mixed_precision", "fp32"], "--mixed_precision fp32: must be one of no, fp16, bf16, fp8"),
     (["--report_to", "tensorbord"], "--report_to tensorbord: 'tensorbord' is not a tracker"),
     (["--shuffle_buffer_size", "0"], "--shuffle_buffer_size 0: must be a positive number of records"),
-    (["--dataloader_num_workers", "-2"], "--dataloader_num_workers -2: must be >= 0"),
+    (["--dataloader_num_workers", "-2"], "--dataloader_num_workers -2: must be >= -1"),
     (["--save_on_signal", "SIGFOO"], "--save_on_signal SIGFOO: SIGFOO is not a signal of this system"),
     (["--preemption_check_steps", "0"], "--preemption_check_steps 0: must be a positive number"),
     (["--checkpoint_verification", "paranoid"], "--checkpoint_verification paranoid: must be one of fast, full"),
@@ -163,3 +163,162 @@ def test_script__bad_arguments_exit_2_with_one_line_each_and_no_traceback(tmp_pa
     ]
     assert not (tmp_path / "run").exists()
     assert time.perf_counter() - start < 60  # the interpreter and imports; nothing is built
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# checkpoint manifest: a corrupt latest checkpoint
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """An in-process 4-step run with checkpoints at steps 2 and 4 (each with its manifest)."""
+    root = tmp_path_factory.mktemp("faults")
+    data = make_mixed_image_folder(root / "images", count=8, corrupt=False)
+    loop.pretrain(*run_args(data, root / "run", 4, "--checkpointing_steps", "2"))
+    return data, root / "run"
+
+
+def copy_run(run: Path, destination: Path) -> Path:
+    shutil.copytree(run, destination)
+    return destination
+
+
+def test_manifest__lists_every_file_with_size_and_sha256(finished_run):
+    _, run = finished_run
+    checkpoint = run / "checkpoint-4"
+    files = json.loads((checkpoint / checkpoints.MANIFEST_NAME).read_text())["files"]
+    on_disk = {p.relative_to(checkpoint).as_posix() for p in checkpoint.rglob("*") if p.is_file()}
+    assert set(files) == on_disk - {checkpoints.MANIFEST_NAME}
+    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", checkpoints.TRAINER_STATE_NAME} <= set(files)
+    assert files["model.safetensors"]["size"] == (checkpoint / "model.safetensors").stat().st_size
+    assert files["model.safetensors"]["sha256"] == checkpoints.file_sha256(checkpoint / "model.safetensors")
+    assert checkpoints.checkpoint_problem(checkpoint, "full") is None
+
+
+def test_latest__truncated_weights_resume_from_the_previous_checkpoint_and_end_equal(finished_run, tmp_path, caplog):
+    data, run = finished_run
+    copy = copy_run(run, tmp_path / "run")
+    weights = copy / "checkpoint-4" / "model.safetensors"
+    size = weights.stat().st_size
+    with weights.open("r+b") as f:
+        f.truncate(size // 2)  # as a failing disk or an interrupted copy leaves it
+    with caplog.at_level(logging.INFO, logger="modeling_ijepa.training"):
+        results = loop.pretrain(*run_args(data, copy, 4, "--checkpointing_steps", "2",
+                                          "--resume_from_checkpoint", "latest"))
+    assert f"SKIPPING checkpoint-4: {weights} has {size // 2} bytes, the manifest says {size}" in caplog.text
+    assert f"Resumed from {copy / 'checkpoint-2'} at step 2" in caplog.text
+    assert results["global_step"] == 4
+    same_weights(run, copy)  # steps 3-4 replayed exactly
+    assert checkpoints.checkpoint_problem(copy / "checkpoint-4") is None  # rewritten whole
+
+
+def test_resume__deleted_or_altered_weights(finished_run, tmp_path, caplog):
+    _, run = finished_run
+    copy = copy_run(run, tmp_path / "run")
+    (copy / "checkpoint-4" / "model.safetensors").unlink()
+    with caplog.at_level(logging.INFO, logger="modeling_ijepa.training"):
+        assert checkpoints.resolve_resume_path("latest", str(copy)) == copy / "checkpoint-2"
+    assert "SKIPPING checkpoint-4" in caplog.text and "model.safetensors is missing" in caplog.text
+    with pytest.raises(CheckpointCorruptError, match=(
+        rf"--resume_from_checkpoint {copy / 'checkpoint-4'}: {copy / 'checkpoint-4' / 'model.safetensors'} is missing "
+        rf".*; the newest checkpoint that verifies is {copy / 'checkpoint-2'}\.")):
+        checkpoints.resolve_resume_path(str(copy / "checkpoint-4"), str(copy))
+
+    state = copy / "checkpoint-2" / "random_states_0.pkl"  # same size, one byte changed: small files are hashed
+    content = bytearray(state.read_bytes())
+    content[-1] ^= 0xFF
+    state.write_bytes(bytes(content))
+    with pytest.raises(CheckpointCorruptError, match="does not match its sha256 in the manifest"):
+        checkpoints.resolve_resume_path("latest", str(copy))
+
+
+def test_resume__checkpoint_without_manifest_is_used_with_a_warning(finished_run, tmp_path, caplog):
+    _, run = finished_run
+    copy = copy_run(run, tmp_path / "run")
+    (copy / "checkpoint-4" / checkpoints.MANIFEST_NAME).unlink()  # as written before manifests existed
+    with caplog.at_level(logging.WARNING, logger="modeling_ijepa.training"):
+        assert checkpoints.resolve_resume_path("latest", str(copy)) == copy / "checkpoint-4"
+    assert "has no checkpoint_manifest.json (written before manifests existed): using it unverified" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a full disk while saving
+
+
+def test_full_disk__previous_checkpoint_intact_temporary_folder_removed_clear_message(finished_run, tmp_path,
+                                                                                      monkeypatch):
+    import accelerate.checkpointing
+
+    data, run = finished_run
+    copy = copy_run(run, tmp_path / "run")
+    original_save = accelerate.checkpointing.save
+
+    def save_until_the_disk_is_full(obj, f, *args, **kwargs):
+        if Path(f).name == "optimizer.bin":  # model.safetensors is already written: the failure is mid-save
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return original_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(accelerate.checkpointing, "save", save_until_the_disk_is_full)
+    needed = checkpoints.format_bytes(checkpoints.checkpoint_size(copy / "checkpoint-4"))
+    with pytest.raises(CheckpointSpaceError, match=(
+        rf"No space left on the device while writing checkpoint-6: a checkpoint of this run takes {needed} "
+        rf"\(checkpoint-4\), .* are free .*the previous checkpoint {copy / 'checkpoint-4'} is intact")):
+        loop.pretrain(*run_args(data, copy, 6, "--resume_from_checkpoint", "latest"))
+    assert not list(copy.glob(".tmp-*"))
+    assert [p.name for p in checkpoints.list_checkpoints(copy)] == ["checkpoint-2", "checkpoint-4"]
+    assert checkpoints.checkpoint_problem(copy / "checkpoint-4", "full") is None
+
+    monkeypatch.setattr(accelerate.checkpointing, "save", original_save)  # space freed: the resume works
+    assert loop.pretrain(*run_args(data, copy, 6, "--resume_from_checkpoint", "latest"))["global_step"] == 6
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# preemption: SIGTERM to a 2-process run
+
+
+def wait_for_step(log: Path, step: int, ranks: list[subprocess.Popen], timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and len(log.read_text().splitlines()) >= step:
+            return
+        assert all(rank.poll() is None for rank in ranks), "a rank ended before the signal"
+        time.sleep(0.05)
+    raise TimeoutError(f"{log} did not reach step {step}")
+
+
+@pytest.mark.slow
+def test_preemption__sigterm_to_one_rank_stops_both_after_one_step_and_the_resume_is_bitwise_exact(tmp_path):
+    import re
+
+    data = make_mixed_image_folder(tmp_path / "images", count=12, corrupt=False)
+    steps = 60  # ~6 s of steps at ~10 steps/s: the signal lands mid-run
+
+    def args(output: Path, *extra: str) -> list[str]:
+        return e2e_args(data, output, steps, "--report_to", "none", *extra)
+
+    preempted = tmp_path / "preempted"
+    ranks = start_ranks(args(preempted), tmp_path / "logs-preempted")
+    wait_for_step(preempted / loop.TRAIN_LOG_NAME, 3, ranks)
+    ranks[1].send_signal(signal.SIGTERM)  # only rank 1: the agreement at the step boundary stops rank 0 too
+    sent = time.monotonic()
+    codes = wait_all(ranks, GRACE_SECONDS)
+    assert time.monotonic() - sent < GRACE_SECONDS
+    output = (tmp_path / "logs-preempted" / "rank0.log").read_text()
+    assert codes == [PREEMPTED_EXIT_CODE, PREEMPTED_EXIT_CODE], output[-3000:]
+    assert "Traceback" not in output
+    match = re.search(r"Preempted by SIGTERM after step (\d+): saved (\S+)\. Resume with the same command plus "
+                      r"--resume_from_checkpoint latest \(exit code 75\)\.", output)
+    assert match, output[-3000:]
+    step = int(match.group(1))
+    assert 3 <= step < steps and "SIGTERM received (by process [1])" in output
+    assert Path(match.group(2)) == preempted / f"checkpoint-{step}"
+    state = json.loads((preempted / f"checkpoint-{step}" / checkpoints.TRAINER_STATE_NAME).read_text())
+    assert state["global_step"] == step and checkpoints.checkpoint_problem(preempted / f"checkpoint-{step}") is None
+    assert len(read_log(preempted)) == step
+
+    full = tmp_path / "full"
+    resumed_ranks = start_ranks(args(preempted, "--resume_from_checkpoint", "latest"), tmp_path / "logs-resumed")
+    run_ranks(args(full), tmp_path / "logs-full")
+    assert wait_all(resumed_ranks, 300) == [0, 0]
+    same_weights(preempted, full)
+    assert read_log(preempted) == read_log(full)  # same losses, schedules and batches at every step

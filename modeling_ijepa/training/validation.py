@@ -108,7 +108,7 @@ def check_bookkeeping(p: _Problems) -> None:
     p.at_least("save_total_limit", 1, "must be a positive number of checkpoints to keep (or absent to keep all)",
                optional=True)
     p.at_least("shuffle_buffer_size", 1, "must be a positive number of records (1 keeps the file order)")
-    p.at_least("dataloader_num_workers", 0, "must be >= 0 (0: the training process decodes)")
+    p.at_least("dataloader_num_workers", -1, "must be >= -1 (0: the training process decodes, -1: automatic)")
     p.at_least("preemption_check_steps", 1, "must be a positive number of optimizer steps")
     precision = p.value("mixed_precision")
     p.require("mixed_precision", precision is None or precision in MIXED_PRECISION_NAMES,

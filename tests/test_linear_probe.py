@@ -3,6 +3,8 @@ scripts/linear_probe.py on small local datasets (map-style and streaming) whose 
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -23,7 +25,15 @@ from modeling_ijepa.evaluation import (
     processor_output_size,
 )
 from official_style_checkpoints import OFFICIAL_IMAGE_SIZE, save_official_style_encoder
-from script_loading import load_script
+from modeling_ijepa.probe_run import ProbeArguments, run_probe
+
+
+def probe_cli(argv: list[str]) -> dict:
+    """What `scripts/linear_probe.py ARGV` computes, in process (its arguments, then the package's `run_probe`)."""
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(ProbeArguments).parse_args_into_dataclasses(args=argv)
+    return run_probe(args)
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -131,14 +141,13 @@ def separable_dataset(tmp_path_factory):
 
 @pytest.mark.parametrize("streaming", [False, True])
 def test_linear_probe_script__separable_dataset_reaches_100_percent(separable_dataset, tmp_path, streaming):
-    script = load_script("linear_probe")
     output_file = tmp_path / "probe.json"
     argv = [
         "--model_name_or_path", str(separable_dataset / "encoder"), "--dataset_name", str(separable_dataset),
         "--batch_size", "16", "--num_layers", "2", "--output_file", str(output_file),
         "--weight_decays", "1e-4", "1e-2",
     ] + (["--streaming"] if streaming else [])
-    result = script.main(argv)
+    result = probe_cli(argv)
     assert result["test_accuracy"] == 1.0
     assert result["num_train"] == 60 and result["num_test"] == 30 and result["num_classes"] == 3
     assert result["feature_dim"] == 2 * 32
@@ -146,8 +155,7 @@ def test_linear_probe_script__separable_dataset_reaches_100_percent(separable_da
 
 
 def test_linear_probe_script__raw_pixels_baseline(separable_dataset):
-    script = load_script("linear_probe")
-    result = script.main([
+    result = probe_cli([
         "--raw_pixels", "--image_size", "8", "--dataset_name", str(separable_dataset), "--max_train_samples", "45",
         "--max_test_samples", "30",
     ])
@@ -156,9 +164,30 @@ def test_linear_probe_script__raw_pixels_baseline(separable_dataset):
 
 
 def test_linear_probe_script__needs_exactly_one_source(separable_dataset):
-    script = load_script("linear_probe")
     with pytest.raises(ValueError, match="exactly one"):
-        script.main(["--dataset_name", str(separable_dataset)])
+        probe_cli(["--dataset_name", str(separable_dataset)])
+    # The command line says it in one line, without a traceback.
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "scripts", "linear_probe.py"), "--dataset_name", str(separable_dataset)],
+        capture_output=True, text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "linear_probe.py: error: Give either --model_name_or_path or --raw_pixels (exactly one)." in result.stderr
+
+
+@pytest.mark.parametrize("probe", ["batchnorm", "knn", "attentive"])
+def test_probe_run__every_probe_separates_the_separable_dataset(separable_dataset, probe):
+    result = probe_cli([
+        "--model_name_or_path", str(separable_dataset / "encoder"), "--dataset_name", str(separable_dataset),
+        "--batch_size", "16", "--probe", probe, "--attentive_epochs", "200", "--weight_decays", "1e-4",
+    ])
+    assert result["probe"] == probe and result["num_train"] == 60 and result["num_test"] == 30
+    assert result["test_accuracy"] == 1.0
+
+
+def test_probe_run__attentive_probe_of_raw_pixels_is_refused(separable_dataset):
+    with pytest.raises(ValueError, match="--probe attentive needs patch tokens"):
+        ProbeArguments(dataset_name=str(separable_dataset), raw_pixels=True, probe="attentive")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -213,7 +242,7 @@ def test_linear_probe_script__converted_official_checkpoint_uses_its_crop(tmp_pa
     processor = AutoImageProcessor.from_pretrained(encoder)
     assert processor_output_size(processor) == (OFFICIAL_IMAGE_SIZE, OFFICIAL_IMAGE_SIZE)
     dataset = write_brightness_folder(tmp_path / "data", sizes=[(240, 300), (300, 260)])
-    output = load_script("linear_probe").main([
+    output = probe_cli([
         "--model_name_or_path", str(encoder), "--dataset_name", str(dataset), "--batch_size", "8",
         "--weight_decays", "1e-2",
     ])

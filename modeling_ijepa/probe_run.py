@@ -1,0 +1,213 @@
+"""Frozen-encoder evaluation runs on `datasets` image-classification data: the engine of `scripts/linear_probe.py`.
+
+`run_probe(ProbeArguments(...))` loads an encoder (a pretraining directory's EMA target encoder, an exported encoder
+or any transformers `ijepa` checkpoint) or takes the raw pixels, preprocesses both splits with the checkpoint's own
+image processor (every field: resize, crop, resample, rescale, mean/std), extracts features once and scores one of
+four probes (`--probe`): the linear probe of `evaluation.linear_probe`, the paper's BatchNorm protocol, V-JEPA's
+attentive probe, or a k-NN probe (`probes.py`). Needs the `train` extra (datasets, torchvision).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoImageProcessor, AutoModel
+
+from .evaluation import (
+    DEFAULT_WEIGHT_DECAYS,
+    ProbeSettings,
+    default_image_processor,
+    extract_features,
+    image_transform_from_processor,
+    linear_probe,
+)
+from .probes import (
+    DEFAULT_ATTENTIVE_EPOCHS,
+    AttentiveProbeSettings,
+    batchnorm_linear_probe,
+    extract_patch_tokens,
+    fit_attentive_probe,
+    knn_probe,
+)
+
+logger = logging.getLogger(__name__)
+
+PROBES = ("linear", "batchnorm", "attentive", "knn")
+
+
+@dataclass
+class ProbeArguments:
+    """What to probe, on which data, and how."""
+
+    dataset_name: str = field(metadata={"help": "Hub dataset id or local dataset directory (image + label columns)."})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Pretraining directory, encoder or transformers `ijepa` checkpoint."}
+    )
+    raw_pixels: bool = field(
+        default=False, metadata={"help": "Probe the preprocessed pixels (flattened) instead of an encoder."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the dataset."})
+    train_split: str = field(default="train", metadata={"help": "Split the classifier is fitted on."})
+    test_split: str = field(default="test", metadata={"help": "Split the accuracy is reported on."})
+    image_column_name: str = field(default="image", metadata={"help": "Column holding the images."})
+    label_column_name: str = field(default="label", metadata={"help": "Column holding integer/ClassLabel labels."})
+    streaming: bool = field(default=False, metadata={"help": "Stream the dataset instead of loading it."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training images."})
+    max_test_samples: int | None = field(default=None, metadata={"help": "Use the first N test images."})
+    image_processor_name: str | None = field(
+        default=None, metadata={"help": "Image processor (name or path); default: the checkpoint's."}
+    )
+    image_size: int | None = field(
+        default=None, metadata={"help": "With --raw_pixels and no processor: resize images to this size."}
+    )
+    batch_size: int = field(default=256, metadata={"help": "Images per feature-extraction batch."})
+    num_layers: int = field(
+        default=1, metadata={"help": "Concatenate the average-pooled outputs of the last N layers (1: last only)."}
+    )
+    probe: str = field(
+        default="linear",
+        metadata={"help": "'linear' (standardised features, L2 sweep), 'batchnorm' (the paper's BatchNorm1d without "
+                  "affine before the linear head), 'attentive' (V-JEPA's attentive probe over the patch tokens, "
+                  "AdamW) or 'knn' (weighted cosine k-NN, k=20)."},
+    )
+    attentive_epochs: int = field(default=DEFAULT_ATTENTIVE_EPOCHS, metadata={"help": "Attentive probe epochs."})
+    method: str = field(default="lbfgs", metadata={"help": "'lbfgs' (full batch) or 'sgd'."})
+    weight_decays: list[float] = field(
+        default_factory=lambda: list(DEFAULT_WEIGHT_DECAYS), metadata={"help": "L2 sweep picked on held-out train."}
+    )
+    validation_fraction: float = field(default=0.2, metadata={"help": "Part of train held out to pick the decay."})
+    no_standardize: bool = field(default=False, metadata={"help": "Skip per-feature standardisation."})
+    seed: int = field(default=0, metadata={"help": "Seed of the held-out split and SGD order."})
+    output_file: str | None = field(default=None, metadata={"help": "Where to write the JSON result."})
+
+    def __post_init__(self):
+        if (self.model_name_or_path is None) == (not self.raw_pixels):
+            raise ValueError("Give either --model_name_or_path or --raw_pixels (exactly one).")
+        if self.probe not in PROBES:
+            raise ValueError(f"--probe {self.probe!r}: choose one of {', '.join(PROBES)}.")
+        if self.raw_pixels and self.probe == "attentive":
+            raise ValueError("--probe attentive needs patch tokens: probe --raw_pixels with --probe linear.")
+
+
+def load_processor(path: str | None, fallback_config=None, image_size: int | None = None, num_channels: int = 3):
+    """The checkpoint's image processor; without one, a ViT-style default at the config's size (ImageNet stats)."""
+    if path is not None:
+        try:
+            return AutoImageProcessor.from_pretrained(path)
+        except OSError:
+            logger.warning("%s has no image processor; using a default one from its config.", path)
+    if fallback_config is not None:
+        return default_image_processor(fallback_config.image_size, fallback_config.num_channels)
+    if image_size is not None:
+        return default_image_processor(image_size, num_channels)
+    raise ValueError("No image processor found: pass --image_processor_name or --image_size.")
+
+
+def batches(
+    examples: Iterable[dict], transform, image_column: str, label_column: str, batch_size: int, limit: int | None
+) -> Iterator[dict]:
+    """`{"pixel_values": (B, C, H, W), "labels": (B,)}` batches from any iterable of examples (streaming or not)."""
+    pixels, labels = [], []
+    for count, example in enumerate(examples):
+        if limit is not None and count >= limit:
+            break
+        pixels.append(transform(example[image_column]))
+        labels.append(int(example[label_column]))
+        if len(pixels) == batch_size:
+            yield {"pixel_values": torch.stack(pixels), "labels": torch.tensor(labels)}
+            pixels, labels = [], []
+    if pixels:
+        yield {"pixel_values": torch.stack(pixels), "labels": torch.tensor(labels)}
+
+
+class PixelEncoder(torch.nn.Module):
+    """Raw-pixel "encoder": the flattened preprocessed image, for the pixel baseline."""
+
+    def forward(self, pixel_values, output_hidden_states=False):
+        class Output:
+            pooler_output = pixel_values.flatten(1)
+            hidden_states = None
+
+        return Output()
+
+
+def load_split(args: ProbeArguments, split: str):
+    from datasets import load_dataset
+
+    return load_dataset(args.dataset_name, args.dataset_config_name, split=split, streaming=args.streaming)
+
+
+def load_encoder(args: ProbeArguments):
+    """(encoder, its image processor, number of input channels, layers to pool)."""
+    if args.raw_pixels:
+        processor = load_processor(args.image_processor_name, image_size=args.image_size, num_channels=1)
+        return PixelEncoder(), processor, len(processor.image_mean), 1
+    import modeling_ijepa  # noqa: F401  (registers the I-JEPA classes with the Auto classes)
+
+    encoder = AutoModel.from_pretrained(args.model_name_or_path)
+    processor = load_processor(args.image_processor_name or args.model_name_or_path, encoder.config)
+    return encoder.eval(), processor, encoder.config.num_channels, args.num_layers
+
+
+def split_inputs(encoder, dataset, transform, args: ProbeArguments, limit: int | None, num_layers: int):
+    """`(features (N, F) or patch tokens (N, P, D), labels (N,))` of one split, extracted once on the CPU."""
+    data = batches(dataset, transform, args.image_column_name, args.label_column_name, args.batch_size, limit)
+    if args.probe == "attentive":
+        return extract_patch_tokens(encoder, data, device=torch.device("cpu"))
+    return extract_features(encoder, data, num_layers=num_layers, device=torch.device("cpu"))
+
+
+def score(args: ProbeArguments, train_x, train_y, test_x, test_y, num_classes: int | None) -> dict:
+    """Fit the chosen probe on train, score it on test; a JSON-ready dict with `test_accuracy`."""
+    if args.probe == "knn":
+        return knn_probe(train_x, train_y, test_x, test_y, num_classes=num_classes).to_dict()
+    if args.probe == "attentive":
+        settings = AttentiveProbeSettings(epochs=args.attentive_epochs, seed=args.seed)
+        return fit_attentive_probe(train_x, train_y, test_x, test_y, num_classes, settings).to_dict()
+    settings = ProbeSettings(
+        method=args.method, weight_decays=tuple(args.weight_decays), validation_fraction=args.validation_fraction,
+        standardize=not args.no_standardize, seed=args.seed,
+    )
+    fit = batchnorm_linear_probe if args.probe == "batchnorm" else linear_probe
+    return fit(train_x, train_y, test_x, test_y, num_classes=num_classes, settings=settings).to_dict()
+
+
+def run_probe(args: ProbeArguments) -> dict:
+    """Extract features for train and test once, fit the probe, and return the JSON-ready result."""
+    from datasets import ClassLabel
+
+    start = time.perf_counter()
+    encoder, processor, num_channels, num_layers = load_encoder(args)
+    # Every field of the processor (resize, center crop, resample, rescale, mean/std), as finetune.py evaluates.
+    transform = image_transform_from_processor(processor, train=False, num_channels=num_channels)
+    train, test = load_split(args, args.train_split), load_split(args, args.test_split)
+    label_feature = (train.features or {}).get(args.label_column_name)
+    num_classes = label_feature.num_classes if isinstance(label_feature, ClassLabel) else None
+    train_x, train_y = split_inputs(encoder, train, transform, args, args.max_train_samples, num_layers)
+    test_x, test_y = split_inputs(encoder, test, transform, args, args.max_test_samples, num_layers)
+    extraction_s = time.perf_counter() - start
+    output = {
+        "model": "raw_pixels" if args.raw_pixels else args.model_name_or_path,
+        "probe": args.probe,
+        "dataset": args.dataset_name,
+        "train_split": args.train_split,
+        "test_split": args.test_split,
+        "num_layers": num_layers,
+        **score(args, train_x, train_y, test_x, test_y, num_classes),
+        "feature_extraction_s": round(extraction_s, 2),
+        "total_s": round(time.perf_counter() - start, 2),
+        "args": asdict(args),
+    }
+    if any(isinstance(v, float) and math.isnan(v) for v in output.values()):
+        raise RuntimeError(f"The probe produced NaN: {output}")
+    if args.output_file:
+        Path(args.output_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_file).write_text(json.dumps(output, indent=2))
+    return output

@@ -21,7 +21,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["modeling_ijepa", "modeling_ijepa.*"]),
     # Runtime files that are not Python: the model card templates read by modeling_ijepa/cards.py.
-    package_data={"modeling_ijepa": ["model_cards/*.md"]},
+    package_data={"modeling_ijepa": ["model_cards/*.md", "metrics/*/*.py"]},
     python_requires=">=3.10",
     # transformers 5.x: the weight names (`layers.N.attention.q_proj`) and conversion-mapping API we build on. 5.0.0
     # is too old (no `transformers.utils.output_capturing`, no `merge_with_config_defaults`, IJepaModel still in the

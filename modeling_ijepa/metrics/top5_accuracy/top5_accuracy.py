@@ -1,6 +1,6 @@
 """Top-k accuracy (default k = 5) from logits or scores, as a local `evaluate` module (works offline).
 
-Load it by path: `evaluate.load("metrics/top5_accuracy")`. Unlike `accuracy`, `predictions` are the per-class scores
+Load it by path: `evaluate.load("modeling_ijepa/metrics/top5_accuracy")`. Unlike `accuracy`, `predictions` are the per-class scores
 `(num_examples, num_classes)` (logits or probabilities), not labels.
 """
 
@@ -17,7 +17,7 @@ Args:
 Returns:
     top5_accuracy (`float`): in [0, 1]. The key stays `top5_accuracy` whatever k is, so reports are comparable.
 Example:
-    >>> metric = evaluate.load("metrics/top5_accuracy")
+    >>> metric = evaluate.load("modeling_ijepa/metrics/top5_accuracy")
     >>> metric.compute(predictions=[[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]], references=[0])
     {'top5_accuracy': 0.0}
 """

@@ -1,7 +1,7 @@
 """Top-1 accuracy as a local `evaluate` module, so that evaluation works offline.
 
 `evaluate.load("accuracy")` downloads its script from the Hugging Face Hub; this project loads its metrics by path
-instead: `evaluate.load("metrics/accuracy")`. Same inputs and output key as the Hub's `accuracy` metric.
+instead: `evaluate.load("modeling_ijepa/metrics/accuracy")`. Same inputs and output key as the Hub's `accuracy` metric.
 """
 
 import datasets
@@ -18,7 +18,7 @@ Args:
 Returns:
     accuracy (`float`): in [0, 1] when normalized.
 Example:
-    >>> metric = evaluate.load("metrics/accuracy")
+    >>> metric = evaluate.load("modeling_ijepa/metrics/accuracy")
     >>> metric.compute(predictions=[0, 1, 1], references=[0, 1, 0])
     {'accuracy': 0.6666666666666666}
 """

@@ -30,7 +30,8 @@ setup(
     install_requires=["torch>=2.4", "transformers>=5.24,<6", "safetensors"],
     extras_require={
         "train": TRAIN_REQUIRES,
-        "dev": ["pytest>=7"] + TRAIN_REQUIRES,
+        # scipy: two-sample tests of the mask distribution (tests/test_mask_distribution.py).
+    "dev": ["pytest>=7", "scipy"] + TRAIN_REQUIRES,
     },
     license="Apache-2.0",
 )

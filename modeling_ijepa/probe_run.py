@@ -30,6 +30,7 @@ from .evaluation import (
 )
 from .probes import (
     DEFAULT_ATTENTIVE_EPOCHS,
+    PAPER_LOW_LEVEL_NUM_LAYERS,
     AttentiveProbeSettings,
     batchnorm_linear_probe,
     extract_patch_tokens,
@@ -156,57 +157,99 @@ def load_encoder(args: ProbeArguments):
     return encoder.eval(), processor, encoder.config.num_channels, args.num_layers
 
 
-def split_inputs(encoder, dataset, transform, args: ProbeArguments, limit: int | None, num_layers: int):
-    """`(features (N, F) or patch tokens (N, P, D), labels (N,))` of one split, extracted once on the CPU."""
-    data = batches(dataset, transform, args.image_column_name, args.label_column_name, args.batch_size, limit)
-    if args.probe == "attentive":
-        return extract_patch_tokens(encoder, data, device=torch.device("cpu"))
-    return extract_features(encoder, data, num_layers=num_layers, device=torch.device("cpu"))
+@dataclass
+class SplitInputs:
+    """What the probes read from one split: pooled features `(N, num_layers * D)` (last layer first), patch tokens
+    `(N, P, D)` (only for the attentive probe) and labels `(N,)`."""
+
+    features: torch.Tensor | None
+    tokens: torch.Tensor | None
+    labels: torch.Tensor
 
 
-def score(args: ProbeArguments, train_x, train_y, test_x, test_y, num_classes: int | None) -> dict:
-    """Fit the chosen probe on train, score it on test; a JSON-ready dict with `test_accuracy`."""
-    if args.probe == "knn":
+def split_inputs(encoder, dataset, transform, args: ProbeArguments, limit: int | None, num_layers: int,
+                 probes: tuple[str, ...]) -> SplitInputs:
+    """The representations `probes` need of one split, extracted once on the CPU."""
+    def data():
+        return batches(dataset, transform, args.image_column_name, args.label_column_name, args.batch_size, limit)
+
+    features = tokens = labels = None
+    if any(probe != "attentive" for probe in probes):
+        features, labels = extract_features(encoder, data(), num_layers=num_layers, device=torch.device("cpu"))
+    if "attentive" in probes:
+        tokens, labels = extract_patch_tokens(encoder, data(), device=torch.device("cpu"))
+    return SplitInputs(features, tokens, labels)
+
+
+def probe_view(inputs: SplitInputs, probe: str, num_layers: int, extracted_layers: int) -> torch.Tensor:
+    """The representation one probe reads: tokens for 'attentive'; for 'batchnorm' all extracted layers (the paper's
+    last 4); otherwise the last `num_layers` (the first slices: `pooled_features` puts the deepest layer first)."""
+    if probe == "attentive":
+        return inputs.tokens
+    if probe == "batchnorm":
+        return inputs.features
+    width = inputs.features.size(1) // extracted_layers
+    return inputs.features[:, : num_layers * width]
+
+
+def score(args: ProbeArguments, probe: str, train_x, train_y, test_x, test_y, num_classes: int | None) -> dict:
+    """Fit one probe on train, score it on test; a JSON-ready dict with `test_accuracy`."""
+    if probe == "knn":
         return knn_probe(train_x, train_y, test_x, test_y, num_classes=num_classes).to_dict()
-    if args.probe == "attentive":
+    if probe == "attentive":
         settings = AttentiveProbeSettings(epochs=args.attentive_epochs, seed=args.seed)
         return fit_attentive_probe(train_x, train_y, test_x, test_y, num_classes, settings).to_dict()
     settings = ProbeSettings(
         method=args.method, weight_decays=tuple(args.weight_decays), validation_fraction=args.validation_fraction,
         standardize=not args.no_standardize, seed=args.seed,
     )
-    fit = batchnorm_linear_probe if args.probe == "batchnorm" else linear_probe
+    fit = batchnorm_linear_probe if probe == "batchnorm" else linear_probe
     return fit(train_x, train_y, test_x, test_y, num_classes=num_classes, settings=settings).to_dict()
 
 
-def run_probe(args: ProbeArguments) -> dict:
-    """Extract features for train and test once, fit the probe, and return the JSON-ready result."""
+def run_probes(args: ProbeArguments, probes: tuple[str, ...]) -> dict[str, dict]:
+    """Extract each split's features once and score every probe in `probes` on them; `{probe: result}`.
+    'batchnorm' reads the paper's last `PAPER_LOW_LEVEL_NUM_LAYERS` layers, the others `args.num_layers`."""
     from datasets import ClassLabel
 
+    unknown = [probe for probe in probes if probe not in PROBES]
+    if unknown or (args.raw_pixels and "attentive" in probes):
+        raise ValueError(f"probes {probes}: choose from {PROBES} (raw pixels: not 'attentive').")
     start = time.perf_counter()
     encoder, processor, num_channels, num_layers = load_encoder(args)
+    extracted_layers = num_layers
+    if "batchnorm" in probes and not args.raw_pixels:  # the paper's last 4 (all of them in a shallower encoder)
+        extracted_layers = max(num_layers, min(PAPER_LOW_LEVEL_NUM_LAYERS, encoder.config.num_hidden_layers))
     # Every field of the processor (resize, center crop, resample, rescale, mean/std), as finetune.py evaluates.
     transform = image_transform_from_processor(processor, train=False, num_channels=num_channels)
     train, test = load_split(args, args.train_split), load_split(args, args.test_split)
     label_feature = (train.features or {}).get(args.label_column_name)
     num_classes = label_feature.num_classes if isinstance(label_feature, ClassLabel) else None
-    train_x, train_y = split_inputs(encoder, train, transform, args, args.max_train_samples, num_layers)
-    test_x, test_y = split_inputs(encoder, test, transform, args, args.max_test_samples, num_layers)
+    train_in = split_inputs(encoder, train, transform, args, args.max_train_samples, extracted_layers, probes)
+    test_in = split_inputs(encoder, test, transform, args, args.max_test_samples, extracted_layers, probes)
     extraction_s = time.perf_counter() - start
-    output = {
-        "model": "raw_pixels" if args.raw_pixels else args.model_name_or_path,
-        "probe": args.probe,
-        "dataset": args.dataset_name,
-        "train_split": args.train_split,
-        "test_split": args.test_split,
-        "num_layers": num_layers,
-        **score(args, train_x, train_y, test_x, test_y, num_classes),
-        "feature_extraction_s": round(extraction_s, 2),
-        "total_s": round(time.perf_counter() - start, 2),
-        "args": asdict(args),
-    }
-    if any(isinstance(v, float) and math.isnan(v) for v in output.values()):
-        raise RuntimeError(f"The probe produced NaN: {output}")
+    results = {}
+    for probe in probes:
+        probe_start = time.perf_counter()
+        fitted = score(args, probe, probe_view(train_in, probe, num_layers, extracted_layers), train_in.labels,
+                       probe_view(test_in, probe, num_layers, extracted_layers), test_in.labels, num_classes)
+        results[probe] = {
+            "model": "raw_pixels" if args.raw_pixels else args.model_name_or_path, "probe": probe,
+            "dataset": args.dataset_name, "train_split": args.train_split, "test_split": args.test_split,
+            "num_layers": extracted_layers if probe == "batchnorm" else num_layers, **fitted,
+            "feature_extraction_s": round(extraction_s, 2), "fit_s": round(time.perf_counter() - probe_start, 2),
+        }
+        if any(isinstance(v, float) and math.isnan(v) for v in results[probe].values()):
+            raise RuntimeError(f"The probe produced NaN: {results[probe]}")
+    return results
+
+
+def run_probe(args: ProbeArguments) -> dict:
+    """Extract features for train and test once, fit `args.probe`, and return the JSON-ready result (also written
+    to `args.output_file` when given)."""
+    start = time.perf_counter()
+    output = {**run_probes(args, (args.probe,))[args.probe], "total_s": 0.0, "args": asdict(args)}
+    output["total_s"] = round(time.perf_counter() - start, 2)
     if args.output_file:
         Path(args.output_file).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output_file).write_text(json.dumps(output, indent=2))

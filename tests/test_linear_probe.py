@@ -248,3 +248,16 @@ def test_linear_probe_script__converted_official_checkpoint_uses_its_crop(tmp_pa
     ])
     assert output["num_train"] == 12 and output["num_test"] == 8 and output["feature_dim"] == 32
     assert output["test_accuracy"] == 1.0
+
+
+def test_run_probes__one_extraction_gives_each_probes_own_result(separable_dataset):
+    from modeling_ijepa.probe_run import run_probes
+
+    common = {"model_name_or_path": str(separable_dataset / "encoder"), "dataset_name": str(separable_dataset),
+              "batch_size": 16, "weight_decays": [1e-4, 1e-2], "max_train_samples": 40}
+    together = run_probes(ProbeArguments(**common), ("linear", "knn", "batchnorm"))
+    for probe in ("linear", "knn", "batchnorm"):
+        alone = run_probe(ProbeArguments(**common, probe=probe))
+        assert together[probe]["test_accuracy"] == alone["test_accuracy"], probe
+        assert together[probe]["feature_dim"] == alone["feature_dim"], probe
+    assert together["batchnorm"]["feature_dim"] == 3 * together["linear"]["feature_dim"]  # all 3 layers of the tiny encoder

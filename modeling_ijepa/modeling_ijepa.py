@@ -148,6 +148,25 @@ def ema_momentum(step: int, total_steps: int, start: float = EMA_MOMENTUM_START,
     return start + step * (end - start) / total_steps
 
 
+def prediction_loss(predicted: torch.Tensor, targets: torch.Tensor, loss_type: str = "smooth_l1") -> torch.Tensor:
+    """Official `loss_fn`: `F.smooth_l1_loss(z, h)` (or MSE), the mean over every element, computed in fp32.
+
+    Under mixed precision the predictor's output is bf16/fp16 while the layer-normed targets are fp32; the official
+    step compares against the fp32 targets, so the predictions are upcast rather than the targets rounded down.
+    In fp32 both casts are no-ops (the same tensors, bit for bit).
+
+    Args:
+        predicted: `(T * C * B, Kt, D)`, any float dtype.
+        targets: `(T * C * B, Kt, D)`, fp32.
+    Returns:
+        fp32 scalar.
+    """
+    predicted, targets = predicted.float(), targets.float()
+    if loss_type == "smooth_l1":
+        return F.smooth_l1_loss(predicted, targets)
+    return F.mse_loss(predicted, targets)
+
+
 def layer_outputs_for_trailing_tokens(layer: IJepaLayer, hidden_states: torch.Tensor, first_output: int, **kwargs):
     """`layer(hidden_states)[:, first_output:]`, computed without the outputs that would be thrown away.
 
@@ -318,6 +337,22 @@ class IJepaPreTrainedModel(TransformersIJepaPreTrainedModel):
         model.freeze_fixed_parameters()
         return loaded
 
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        """transformers' `set_attn_implementation`, followed by the predictors: their layers read a config of their
+        own (`IJepaPredictor.layer_config`, built at the predictor's width) which transformers does not know about.
+        Setting it here, not in `forward`, keeps attribute assignments out of compiled regions."""
+        super().set_attn_implementation(attn_implementation, *args, **kwargs)
+        for module in self.modules():
+            if isinstance(module, IJepaPredictor):
+                module.layer_config._attn_implementation = module.config._attn_implementation
+
+    if not hasattr(TransformersIJepaPreTrainedModel, "activation_checkpointing_enable"):
+        # Older transformers 5.x (5.17 among them) has only the older name: same layers, non-reentrant checkpoints.
+
+        def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
+            checkpoint_kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+            self.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs, **kwargs)
+
     def freeze_fixed_parameters(self) -> None:
         """Fixed sin-cos tables (paper Sec. 4, official `requires_grad=False`) and, in pretraining models, the EMA
         target encoder are never trained."""
@@ -460,8 +495,6 @@ class IJepaPredictor(nn.Module):
         Returns:
             `(T * C * B, Kt, hidden_size)` predictions, official order.
         """
-        # Follow the parent's attention implementation (it may be switched after construction).
-        self.layer_config._attn_implementation = self.config._attn_implementation
         num_context, num_target = len(context_mask), len(target_mask)
         batch_size = context_hidden_states.size(0) // num_context
         positions = self.position_embeddings
@@ -582,7 +615,8 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         gathered at the target blocks and repeated per context block. Returns `(T * C * B, Kt, D)`."""
         batch_size = pixel_values.size(0)
         features = self.ijepa(pixel_values, **kwargs).last_hidden_state  # (B, N, D)
-        features = F.layer_norm(features, (features.size(-1),), eps=TARGET_LAYER_NORM_EPS)
+        # In fp32 under autocast too (CPU autocast would run layer_norm in bf16): the official targets are fp32.
+        features = F.layer_norm(features.float(), (features.size(-1),), eps=TARGET_LAYER_NORM_EPS)
         targets = gather_patches(features, target_mask)  # (T*B, Kt, D)
         return repeat_interleave_batch(targets, batch_size, repeat=num_context_blocks)
 
@@ -655,10 +689,7 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         predicted = self.predictor(
             context_hidden_states, context_mask, target_mask, patch_grid=patch_grid
         )  # (T*C*B, Kt, D)
-        if self.config.loss_type == "smooth_l1":
-            loss = F.smooth_l1_loss(predicted, targets.to(predicted.dtype))
-        else:
-            loss = F.mse_loss(predicted, targets.to(predicted.dtype))
+        loss = prediction_loss(predicted, targets, self.config.loss_type)
 
         output = IJepaForPreTrainingOutput(
             loss=loss,
@@ -724,6 +755,7 @@ __all__ = [
     "IJepaForImageClassification",
     "ema_momentum",
     "gather_patches",
+    "prediction_loss",
     "repeat_interleave_batch",
     "resample_position_embeddings",
     "sincos_position_embeddings",

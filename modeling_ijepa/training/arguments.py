@@ -79,8 +79,9 @@ class ModelArguments:
     )
     torch_compile: bool = field(
         default=False,
-        metadata={"help": "torch.compile the context encoder, predictor and target encoder (dynamic shapes: mask "
-                  "lengths change from batch to batch). Pays off on GPUs for long runs."},
+        metadata={"help": "torch.compile each transformer layer (regional: identical layers share a graph; target "
+                  "encoder static, context encoder and predictor dynamic in the token count, which the masks change "
+                  "every batch). Pays off on GPUs for long runs."},
     )
 
 

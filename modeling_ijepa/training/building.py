@@ -51,9 +51,10 @@ def build_model(model_args: ModelArguments, config):
     if model_args.gradient_checkpointing:
         model.activation_checkpointing_enable()
     if model_args.torch_compile:
-        # Module.compile() compiles in place and keeps parameter names (checkpoints stay loadable).
-        for part in (model.context_encoder, model.predictor, model.ijepa):
-            part.compile(dynamic=True)
+        from ..compilation import compile_regions
+
+        # Per layer, in place (parameter names unchanged): static target encoder, token dim dynamic elsewhere.
+        compile_regions(model)
     return model
 
 

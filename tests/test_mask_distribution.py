@@ -221,6 +221,15 @@ def comparisons(ours, theirs):
     }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny tensors: one intra-op thread is faster, and far faster on a loaded machine (threads spin-wait each other).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def quiet_relax_warnings(monkeypatch):
     # The relaxing case logs one warning per relaxed batch; formatting thousands of them costs seconds.

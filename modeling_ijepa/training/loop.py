@@ -36,7 +36,7 @@ from .data import (
     shard_for_process,
 )
 from .publish import push_run_to_hub, write_model_card
-from .schedules import Schedules
+from .schedules import Schedules, step_for_global_batch
 from .preemption import Preempted, PreemptionGuard
 from .step import step_metrics, train_step
 from .validation import validate_arguments, validate_world_size
@@ -126,17 +126,52 @@ class PretrainingRun:
         )
 
 
+# torch's default DDP bucket size; the one-layer graphs of `compile_regions` fit in it. Unmeasured on multi-GPU runs:
+# change it only with a measurement.
+DDP_BUCKET_CAP_MB = 25
+
+
+def ddp_kwargs():
+    """DDP options: gradients are views into the all-reduce buckets (one copy of the gradients less: 2.6 GB for
+    ViT-H/14); `static_graph` stays off (valid for this model, every step uses the same parameters, but unmeasured
+    with gradient accumulation and compiled layers); no unused-parameter search (the frozen target encoder has no
+    gradients and is not registered with the reducer)."""
+    from accelerate import DistributedDataParallelKwargs
+
+    return DistributedDataParallelKwargs(
+        gradient_as_bucket_view=True, static_graph=False, bucket_cap_mb=DDP_BUCKET_CAP_MB, find_unused_parameters=False,
+    )
+
+
+def refuse_unsupported_distribution(accelerator) -> None:
+    """FSDP is not supported: the predictor's last layer (`layer_outputs_for_trailing_tokens`) calls its submodules
+    directly, past FSDP's parameter all-gather, and the EMA update and the end-of-run checksum pair local shards."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise RuntimeError(
+            "FSDP is not supported by this pretraining script (the predictor's trimmed last layer bypasses FSDP's "
+            "parameter gathering, and the EMA update and checksums would pair sharded tensors). Launch with DDP "
+            "(`accelerate launch --multi_gpu ...`, no FSDP plugin in `accelerate config`); to fit a larger model per "
+            "GPU use --gradient_checkpointing or a smaller --per_device_train_batch_size with "
+            "--gradient_accumulation_steps."
+        )
+
+
 def make_accelerator(args: PretrainingArguments):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
     output_dir = Path(args.output_dir)
-    return Accelerator(
+    accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=tracker_names(args.report_to),
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
+        kwargs_handlers=[ddp_kwargs()],
     )
+    refuse_unsupported_distribution(accelerator)
+    return accelerator
 
 
 def prepare_output_dir(accelerator, args: PretrainingArguments) -> Path | None:
@@ -230,8 +265,6 @@ def restore(run: PretrainingRun, resume_path: Path, ignore_data_skip: bool) -> N
     """Load a checkpoint into `run`: weights, optimizer and RNGs (Accelerate), the step, and unless
     `ignore_data_skip` this process's data position and mask-collator state."""
     trainer_state = json.loads((resume_path / TRAINER_STATE_NAME).read_text())
-    run.accelerator.load_state(str(resume_path))
-    run.global_step = int(trainer_state["global_step"])
     saved_world = int(trainer_state["world_size"])
     if saved_world != run.world_size and not ignore_data_skip:
         raise RuntimeError(
@@ -239,6 +272,18 @@ def restore(run: PretrainingRun, resume_path: Path, ignore_data_skip: bool) -> N
             "cannot be restored. Relaunch with the same number of processes, or pass --ignore_data_skip to "
             "continue with fresh data order (batches then differ from an uninterrupted run)."
         )
+    # Another global batch (world size): continue from the same number of images, not the same step count; checked
+    # before loading, so that a refusal costs no read of the checkpoint.
+    saved_step, saved_batch = int(trainer_state["global_step"]), int(trainer_state["global_batch_size"])
+    global_step = step_for_global_batch(
+        saved_step, saved_global_batch=saved_batch, saved_schedules=trainer_state.get("schedules"),
+        schedules=run.schedules, global_batch=run.global_batch_size,
+    )
+    run.accelerator.load_state(str(resume_path))
+    run.global_step = global_step
+    if saved_batch != run.global_batch_size:
+        logger.info("Checkpoint step %d at global batch %d = step %d at global batch %d (%d images seen).",
+                    saved_step, saved_batch, global_step, run.global_batch_size, saved_step * saved_batch)
     if not ignore_data_skip:
         rank_file = resume_path / RANK_STATE_NAME.format(rank=run.accelerator.process_index)
         rank_state = json.loads(rank_file.read_text())

@@ -142,3 +142,39 @@ def plan_schedules(
         ema_start=ema_momentum_start,
         ema_end=ema_momentum_end,
     )
+
+
+# Between two global batches, epoch-based run lengths differ by the images `drop_last` discards (up to one batch per
+# epoch), so schedules planned from the same epochs agree in images only to this fraction.
+RESUME_SCHEDULE_TOLERANCE = 0.01
+
+
+def step_for_global_batch(
+    step: int, *, saved_global_batch: int, saved_schedules: dict | None, schedules: Schedules, global_batch: int
+) -> int:
+    """The optimizer step at `global_batch` that has consumed as many images as `step` steps at
+    `saved_global_batch` (a resume on another world size), so the schedules continue from the same point.
+
+    The schedules, planned again at the new batch, must describe the same run in images (true when the run length and
+    warmup come from epochs); otherwise continuing is ambiguous and a `ValueError` says which `--max_steps` and
+    `--warmup_steps` would make it the same run. The step is rounded down (less than one batch of images).
+    """
+    if saved_global_batch == global_batch:
+        return step
+    mismatched, suggestions = [], []
+    for name, flag in (("train_steps", "--max_steps"), ("warmup_steps", "--warmup_steps")):
+        if saved_schedules is None:
+            break
+        saved_images, new_images = saved_schedules[name] * saved_global_batch, getattr(schedules, name) * global_batch
+        if abs(saved_images - new_images) > RESUME_SCHEDULE_TOLERANCE * max(saved_images, global_batch):
+            mismatched.append(f"{name} {saved_schedules[name]} x {saved_global_batch} = {saved_images} images, now "
+                              f"{getattr(schedules, name)} x {global_batch} = {new_images}")
+            suggestions.append(f"{flag} {round(saved_images / global_batch)}")
+    if mismatched:
+        raise ValueError(
+            f"Resuming at global batch {global_batch} a run trained at global batch {saved_global_batch}: the "
+            f"schedules describe another run in images ({'; '.join(mismatched)}), so the learning rate, weight "
+            f"decay and EMA momentum would jump. Pass {' '.join(suggestions)} (steps at the new batch) to continue "
+            f"the same run, or relaunch with global batch {saved_global_batch}."
+        )
+    return step * saved_global_batch // global_batch

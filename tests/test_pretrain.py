@@ -289,10 +289,11 @@ def test_stream__skips_and_counts_corrupt_images_and_resumes_exactly(tmp_path):
     # Buffer 1 keeps file order: broken.jpg is record 0 of every epoch.
     ordered = stream(buffer_size=1)
     batches = iter(ordered)
-    first = [next(batches) for _ in range(5)]  # 12 good images -> 2 batches of 5 per epoch; 5 batches = 3 epochs
+    first = [next(batches)["pixel_values"] for _ in range(5)]  # 13 records -> 2 batches of 5 per epoch; 5 = 3 epochs
     assert all(b.shape == (5, 3, 16, 16) and b.dtype == torch.uint8 for b in first)
     assert ordered.state.corrupt_images == 3  # broken.jpg once per epoch, skipped, never raised
-    assert (ordered.state.epoch, ordered.state.position, ordered.state.batches) == (2, 6, 5)
+    # A corrupt record's slot is refilled from its own batch, so batches are whole records: 5 consumed in epoch 2.
+    assert (ordered.state.epoch, ordered.state.position, ordered.state.batches) == (2, 5, 5)
     batches.close()
 
     # Shuffled stream, resumed from a saved position: the next batches equal the uninterrupted ones.
@@ -301,10 +302,10 @@ def test_stream__skips_and_counts_corrupt_images_and_resumes_exactly(tmp_path):
     for _ in range(3):
         next(batches)
     saved = training_data.DataState(**vars(reference.state))
-    following = [next(batches) for _ in range(4)]
+    following = [next(batches)["pixel_values"] for _ in range(4)]
     resumed = iter(stream(4, training_data.DataState(**vars(saved))))
     for expected in following:
-        assert torch.equal(next(resumed), expected)
+        assert torch.equal(next(resumed)["pixel_values"], expected)
 
 
 @pytest.mark.slow  # starts 2 spawned worker processes (~30 s on 2 shared cores)
@@ -321,7 +322,7 @@ def test_stream__worker_processes_give_the_same_batches(tmp_path):
             training_data.shard_for_process(dataset, 0, 1, 0, 4), "image", 3, settings, 0, 0, num_workers=workers
         )
         it = iter(stream)
-        outputs.append([next(it) for _ in range(3)])
+        outputs.append([next(it)["pixel_values"] for _ in range(3)])
         it.close()
         stream.close()
         assert stream.state.corrupt_images >= 1

@@ -184,7 +184,9 @@ class PretrainingArguments:
         },
     )
     dataloader_num_workers: int = field(
-        default=0, metadata={"help": "Processes decoding and augmenting images (0: the training process does it)."}
+        default=-1,
+        metadata={"help": "DataLoader worker processes per training process that read, decode, crop and sample masks "
+                  "(0: the training process does it; -1: automatic, the CPUs per process minus one, at least 1)."},
     )
     logging_steps: int = field(default=10, metadata={"help": "Log every N optimizer steps."})
     report_to: str = field(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -32,11 +33,11 @@ from .checkpoints import (
     RANK_STATE_NAME, TRAINER_STATE_NAME, list_checkpoints, resolve_resume_path_once, save_checkpoint, tensor_checksum,
 )
 from .data import (
-    AugmentationSettings, DataState, ImageBatchStream, count_train_samples, detect_image_column, load_train_dataset,
-    shard_for_process,
+    AugmentationSettings, BatchIndexedMaskCollator, DataState, ImageBatchStream, PixelNormalizer, count_train_samples,
+    default_num_workers, detect_image_column, load_train_dataset, shard_for_process,
 )
 from .publish import push_run_to_hub, write_model_card
-from .schedules import Schedules, step_for_global_batch
+from .schedules import Schedules
 from .preemption import Preempted, PreemptionGuard
 from .step import step_metrics, train_step
 from .validation import validate_arguments, validate_world_size
@@ -126,52 +127,17 @@ class PretrainingRun:
         )
 
 
-# torch's default DDP bucket size; the one-layer graphs of `compile_regions` fit in it. Unmeasured on multi-GPU runs:
-# change it only with a measurement.
-DDP_BUCKET_CAP_MB = 25
-
-
-def ddp_kwargs():
-    """DDP options: gradients are views into the all-reduce buckets (one copy of the gradients less: 2.6 GB for
-    ViT-H/14); `static_graph` stays off (valid for this model, every step uses the same parameters, but unmeasured
-    with gradient accumulation and compiled layers); no unused-parameter search (the frozen target encoder has no
-    gradients and is not registered with the reducer)."""
-    from accelerate import DistributedDataParallelKwargs
-
-    return DistributedDataParallelKwargs(
-        gradient_as_bucket_view=True, static_graph=False, bucket_cap_mb=DDP_BUCKET_CAP_MB, find_unused_parameters=False,
-    )
-
-
-def refuse_unsupported_distribution(accelerator) -> None:
-    """FSDP is not supported: the predictor's last layer (`layer_outputs_for_trailing_tokens`) calls its submodules
-    directly, past FSDP's parameter all-gather, and the EMA update and the end-of-run checksum pair local shards."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.FSDP:
-        raise RuntimeError(
-            "FSDP is not supported by this pretraining script (the predictor's trimmed last layer bypasses FSDP's "
-            "parameter gathering, and the EMA update and checksums would pair sharded tensors). Launch with DDP "
-            "(`accelerate launch --multi_gpu ...`, no FSDP plugin in `accelerate config`); to fit a larger model per "
-            "GPU use --gradient_checkpointing or a smaller --per_device_train_batch_size with "
-            "--gradient_accumulation_steps."
-        )
-
-
 def make_accelerator(args: PretrainingArguments):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
+    return Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=tracker_names(args.report_to),
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
-        kwargs_handlers=[ddp_kwargs()],
     )
-    refuse_unsupported_distribution(accelerator)
-    return accelerator
 
 
 def prepare_output_dir(accelerator, args: PretrainingArguments) -> Path | None:
@@ -216,7 +182,6 @@ def build_run(model_args: ModelArguments, data_args: DataTrainingArguments, args
     """Model, optimizer, schedules, mask collator and batch stream of a fresh run (a resume restores into it)."""
     from accelerate.utils import set_seed
 
-    from .. import IJepaMaskCollator
     from ..evaluation import default_image_processor
 
     world_size = accelerator.num_processes
@@ -232,25 +197,36 @@ def build_run(model_args: ModelArguments, data_args: DataTrainingArguments, args
     optimizer = torch.optim.AdamW(
         optimizer_param_groups(model), lr=schedules.peak_lr, betas=(args.adam_beta1, args.adam_beta2),
         eps=args.adam_epsilon, weight_decay=args.weight_decay,
-        # One fused kernel for all parameters on GPUs (same update rule); torch's default elsewhere.
-        fused=accelerator.device.type == "cuda",
+        # One fused kernel for all parameters (same update rule); it also takes the non-finite guard's flag as
+        # `found_inf`, so a bad step is skipped on the device without a sync (step.py).
+        fused=accelerator.device.type in ("cuda", "cpu"),
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     rank = accelerator.process_index
     shard = shard_for_process(dataset, rank, world_size, args.seed, data_args.shuffle_buffer_size)
     data_state = DataState()
+    collator = BatchIndexedMaskCollator(config, seed=args.seed, rank=rank)  # runs in the DataLoader workers
     stream = ImageBatchStream(
         shard, image_column, args.per_device_train_batch_size, augmentation_settings(args, config.image_size_hw),
-        seed=args.seed, rank=rank, num_workers=args.dataloader_num_workers, state=data_state,
+        seed=args.seed, rank=rank, num_workers=resolve_num_workers(args.dataloader_num_workers), state=data_state,
+        collator=collator, pin_memory=accelerator.device.type == "cuda",
+        log_batch_fingerprints=args.log_batch_fingerprints,
     )
     return PretrainingRun(
-        accelerator=accelerator, model=model, optimizer=optimizer,
-        collator=IJepaMaskCollator(config, seed=args.seed, rank=rank), stream=stream, schedules=schedules,
+        accelerator=accelerator, model=model, optimizer=optimizer, collator=collator, stream=stream,
+        schedules=schedules,
         lr_rule=resolve_learning_rates(args, global_batch_size)[3],
         image_processor=default_image_processor(config.image_size_hw),  # what evaluation of this checkpoint uses
         output_dir=Path(args.output_dir), world_size=world_size, global_batch_size=global_batch_size,
         data_state=data_state,
     )
+
+
+def resolve_num_workers(requested: int) -> int:
+    """`--dataloader_num_workers`: -1 (the default) picks `default_num_workers()` for this machine and launch."""
+    workers = default_num_workers() if requested < 0 else requested
+    logger.info("DataLoader workers per process: %d%s.", workers, " (automatic)" if requested < 0 else "")
+    return workers
 
 
 def augmentation_settings(args: PretrainingArguments, crop_size: tuple[int, int]) -> AugmentationSettings:
@@ -265,6 +241,8 @@ def restore(run: PretrainingRun, resume_path: Path, ignore_data_skip: bool) -> N
     """Load a checkpoint into `run`: weights, optimizer and RNGs (Accelerate), the step, and unless
     `ignore_data_skip` this process's data position and mask-collator state."""
     trainer_state = json.loads((resume_path / TRAINER_STATE_NAME).read_text())
+    run.accelerator.load_state(str(resume_path))
+    run.global_step = int(trainer_state["global_step"])
     saved_world = int(trainer_state["world_size"])
     if saved_world != run.world_size and not ignore_data_skip:
         raise RuntimeError(
@@ -272,18 +250,6 @@ def restore(run: PretrainingRun, resume_path: Path, ignore_data_skip: bool) -> N
             "cannot be restored. Relaunch with the same number of processes, or pass --ignore_data_skip to "
             "continue with fresh data order (batches then differ from an uninterrupted run)."
         )
-    # Another global batch (world size): continue from the same number of images, not the same step count; checked
-    # before loading, so that a refusal costs no read of the checkpoint.
-    saved_step, saved_batch = int(trainer_state["global_step"]), int(trainer_state["global_batch_size"])
-    global_step = step_for_global_batch(
-        saved_step, saved_global_batch=saved_batch, saved_schedules=trainer_state.get("schedules"),
-        schedules=run.schedules, global_batch=run.global_batch_size,
-    )
-    run.accelerator.load_state(str(resume_path))
-    run.global_step = global_step
-    if saved_batch != run.global_batch_size:
-        logger.info("Checkpoint step %d at global batch %d = step %d at global batch %d (%d images seen).",
-                    saved_step, saved_batch, global_step, run.global_batch_size, saved_step * saved_batch)
     if not ignore_data_skip:
         rank_file = resume_path / RANK_STATE_NAME.format(rank=run.accelerator.process_index)
         rank_state = json.loads(rank_file.read_text())
@@ -313,8 +279,71 @@ def start_trackers(run: PretrainingRun, model_args, data_args, args, config_name
         accelerator.init_trackers("ijepa_pretraining", config=tracker_config)
 
 
+@dataclass
+class _LoggedStep:
+    step: int
+    loss: torch.Tensor  # on the device, all-reduced
+    values: dict
+    fingerprint: str | None
+    data_state: DataState  # this process's position after the step
+
+
+@dataclass
+class LogWindow:
+    """The steps since the last flush: their losses stay on the device and their `train_log.jsonl` lines are written
+    together at the next logging step (or checkpoint, or the end), the only points where the loop reads the device."""
+
+    start_state: DataState
+    started: float = field(default_factory=time.perf_counter)
+    steps: list[_LoggedStep] = field(default_factory=list)
+
+    def add(self, run: PretrainingRun, loss: torch.Tensor, values: dict, fingerprint: str | None) -> None:
+        self.steps.append(_LoggedStep(run.global_step, loss, values, fingerprint, DataState(**asdict(run.data_state))))
+
+
+def flush_window(run: PretrainingRun, window: LogWindow) -> tuple[str | None, list[float]]:
+    """Read the window's losses (one sync), write its log lines; on a non-finite loss roll the step counter and data
+    position back to the last good step (the weights stayed there, see `step.py`) and return why training stops."""
+    losses = torch.stack([s.loss for s in window.steps]).tolist() if window.steps else []
+    bad = next((i for i, value in enumerate(losses) if not math.isfinite(value)), None)
+    kept = window.steps if bad is None else window.steps[:bad]
+    if run.accelerator.is_main_process and kept:
+        lines = []
+        for logged, loss in zip(kept, losses):
+            record = {"step": logged.step, "loss": loss, **logged.values}
+            if logged.fingerprint is not None:
+                record["batch_fingerprint"] = logged.fingerprint
+            lines.append(json.dumps(record) + "\n")
+        with (run.output_dir / TRAIN_LOG_NAME).open("a") as f:
+            f.writelines(lines)
+    run.run_losses.extend(losses[:len(kept)])
+    last_state = kept[-1].data_state if kept else window.start_state
+    bad_step = window.steps[bad].step if bad is not None else None
+    window.steps, window.started, window.start_state = [], time.perf_counter(), last_state
+    if bad_step is None:
+        return None, losses
+    for name, value in asdict(last_state).items():  # in place: the stream holds this object
+        setattr(run.data_state, name, value)
+    run.collator.num_batches = last_state.batches
+    run.global_step = bad_step  # steps done with a finite loss: the weights are still those after them
+    return f"non-finite loss ({losses[bad]}) at step {bad_step}", losses[:len(kept)]
+
+
+def log_window(run: PretrainingRun, args, outcome, values: dict, losses: list[float], seconds: float,
+               progress) -> None:
+    """Tracker metrics and the progress bar at a logging step."""
+    images_per_second = len(losses) * run.global_batch_size / max(seconds, 1e-9)
+    window_loss = sum(losses) / len(losses)
+    metrics = step_metrics(run.accelerator, outcome, values, window_loss, images_per_second, run.data_state)
+    run.accelerator.log(metrics, step=run.global_step)
+    progress.set_postfix(loss=f"{window_loss:.4f}", lr=f"{values['lr']:.2e}", img_s=f"{images_per_second:.1f}")
+
+
 def train(run: PretrainingRun, args: PretrainingArguments) -> str | None:
-    """Optimizer steps until the schedule's end; returns why it stopped early (None when it did not)."""
+    """Optimizer steps until the schedule's end; returns why it stopped early (None when it did not).
+
+    Between logging steps nothing here waits for the device (see `step.py`); the window of steps is read at logging
+    steps, checkpoints and the end."""
     from tqdm.auto import tqdm
 
     accelerator, schedules = run.accelerator, run.schedules
@@ -322,51 +351,40 @@ def train(run: PretrainingRun, args: PretrainingArguments) -> str | None:
                     disable=not accelerator.is_local_main_process)
     run.model.train()
     parameters = [p for p in run.model.parameters() if p.requires_grad]
-    window_start, window_losses = time.perf_counter(), []
+    normalizer = PixelNormalizer(accelerator.device)  # device constants made once
+    halted = torch.zeros((), dtype=torch.bool, device=accelerator.device)  # a non-finite loss was seen (sticky)
+    window = LogWindow(DataState(**asdict(run.data_state)))
     batches = iter(run.stream)
     try:
         while run.global_step < schedules.train_steps:
-            values = schedules.at(run.global_step)
-            outcome = train_step(accelerator, run.model, run.optimizer, batches, run.collator, values, args,
-                                 parameters)
-            if outcome.stop_reason is not None:
-                return f"{outcome.stop_reason} at step {run.global_step}"
-            window_losses.append(outcome.loss)
-            run.run_losses.append(outcome.loss)
-            append_train_log(run, outcome, values)
+            values, step = schedules.at(run.global_step), run.global_step + 1
+            logging_step = step % args.logging_steps == 0 or step == schedules.train_steps
+            checkpoint_step = bool(args.checkpointing_steps) and step % args.checkpointing_steps == 0 and (
+                step < schedules.train_steps)
+            outcome = train_step(accelerator, run.model, run.optimizer, batches, run.stream, normalizer, values,
+                                 args, parameters, halted, logging_step)
+            window.add(run, outcome.loss, values, outcome.fingerprint)
             run.global_step += 1
             progress.update(1)
-            if run.global_step % args.logging_steps == 0 or run.global_step == schedules.train_steps:
-                images_per_second = len(window_losses) * run.global_batch_size / max(
-                    time.perf_counter() - window_start, 1e-9)
-                metrics = step_metrics(accelerator, outcome, values, window_losses, images_per_second, run.data_state)
-                accelerator.log(metrics, step=run.global_step)
-                progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{values['lr']:.2e}",
-                                     img_s=f"{images_per_second:.1f}")
-                window_start, window_losses = time.perf_counter(), []
+            if logging_step or checkpoint_step:
+                seconds = time.perf_counter() - window.started
+                stop_reason, losses = flush_window(run, window)
+                if stop_reason is not None:
+                    return stop_reason
+                if logging_step:
+                    log_window(run, args, outcome, values, losses, seconds, progress)
             if run.preemption is not None and run.preemption.should_stop(accelerator, run.global_step,
                                                                          schedules.train_steps):
-                return run.preemption.stop_reason()  # `pretrain` saves this step's checkpoint
-            if args.checkpointing_steps and run.global_step % args.checkpointing_steps == 0 and (
-                run.global_step < schedules.train_steps
-            ):
+                stop_reason, _ = flush_window(run, window)
+                return stop_reason or run.preemption.stop_reason()  # `pretrain` saves this step's checkpoint
+            if checkpoint_step:
                 logger.info("Saved checkpoint %s", run.save(args.save_total_limit))
         return None
     finally:
-        batches.close()  # closes the dataset readers before the interpreter tears pyarrow down
+        batches.close()  # stops the DataLoader workers before the interpreter tears pyarrow down
         run.stream.close()
         progress.close()
 
-
-def append_train_log(run: PretrainingRun, outcome, values: dict) -> None:
-    """One line per step in `train_log.jsonl` (main process): loss, schedules, optional batch fingerprint."""
-    if not run.accelerator.is_main_process:
-        return
-    record = {"step": run.global_step, "loss": outcome.loss, **values}
-    if outcome.fingerprint is not None:
-        record["batch_fingerprint"] = outcome.fingerprint
-    with (run.output_dir / TRAIN_LOG_NAME).open("a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def run_results(run: PretrainingRun, checkpoint: Path, start_step: int, runtime: float) -> dict:

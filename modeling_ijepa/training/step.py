@@ -1,84 +1,106 @@
-"""One optimizer step of pretraining (micro-batches, backward, AdamW, EMA) and the metrics logged about it."""
+"""One optimizer step of pretraining (micro-batches, backward, AdamW, EMA) and the metrics logged about it.
+
+No host-device synchronisation happens here between logging steps: the loss stays on the device (all-reduced once
+per step, asynchronously on GPUs), the gradient norm is computed only when clipping or logging, and the non-finite
+guard runs on the device. A non-finite loss sets a sticky `halted` flag that the fused AdamW reads as `found_inf`, so
+that step and every later one leave the weights, the optimizer moments and its step counts untouched; the loop reads
+the flag at its next logging step and stops there, saving the last good state. (The EMA update is the model's own
+`update_target_encoder`, which takes a host number: between the bad step and that logging step it keeps pulling the
+target encoder towards the unchanged, still good, context encoder. With `--logging_steps 1` the check is every step.)
+"""
 
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .data import DataState, normalize
+from .data import DataState, PixelNormalizer, batch_fingerprint
 
-
-def batch_fingerprint(pixels: torch.Tensor, context_mask, target_mask) -> str:
-    digest = hashlib.sha256(pixels.cpu().contiguous().numpy().tobytes())
-    for mask in [*context_mask, *target_mask]:
-        digest.update(mask.cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
+__all__ = ["StepOutcome", "batch_fingerprint", "step_metrics", "train_step"]
 
 
 @dataclass
 class StepOutcome:
-    """What one optimizer step produced (values are means over micro-batches and processes)."""
+    """What one optimizer step produced. `loss` and `grad_norm` are device tensors (means over micro-batches and
+    processes); read them only at logging steps."""
 
-    loss: float | None = None
-    grad_norm: float | None = None
+    loss: torch.Tensor | None = None
+    grad_norm: torch.Tensor | None = None
     outputs: Any = None  # the last micro-batch's `IJepaForPreTrainingOutput`
     context_length: int = 0
     target_length: int = 0
     fingerprint: str | None = None
-    stop_reason: str | None = None
 
 
-def train_step(accelerator, model, optimizer, batches, collator, values: dict, args, parameters) -> StepOutcome:
+def forward_micro_batch(model, batch: dict, normalizer: PixelNormalizer):
+    """The model on one batch from the DataLoader (uint8 pixels and masks moved without blocking)."""
+    device = normalizer.device
+    extra = {"allow_overlap": True} if batch.get("allow_overlap") else {}
+    return model(
+        pixel_values=normalizer(batch["pixel_values"]),
+        context_mask=[m.to(device, non_blocking=True) for m in batch["context_mask"]],
+        target_mask=[m.to(device, non_blocking=True) for m in batch["target_mask"]],
+        **extra,
+    )
+
+
+def skip_if_halted(optimizer, halted: torch.Tensor) -> None:
+    """Let the fused AdamW skip its update on the device when `halted` (its `found_inf` input, as under a
+    GradScaler); optimizers without that input check on the host (one sync per step)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+    if inner.defaults.get("fused"):
+        inner.found_inf = halted.float()
+    elif bool(halted):
+        raise FloatingPointError("non-finite loss")  # the loop turns this into a stop at this step
+
+
+def train_step(accelerator, model, optimizer, batches, stream, normalizer: PixelNormalizer, values: dict, args,
+               parameters, halted: torch.Tensor, logging_step: bool) -> StepOutcome:
     """One optimizer step: `gradient_accumulation_steps` micro-batches, then the EMA update of the target encoder.
 
-    The learning rate and weight decay come from `values` (the schedules at this step). Masks are sampled here, in
-    the training process, from the collator's batch counter. A non-finite loss (agreed by all processes, the loss is
-    all-reduced) stops before its backward pass, so the weights stay those of the last good step.
+    The learning rate and weight decay come from `values` (the schedules at this step). Masks come with the batches
+    (sampled in the DataLoader workers from the batch counter). `halted` (a device bool) is or-ed with "this step's
+    loss, all-reduced, is not finite"; once set no update changes the weights (see the module docstring).
     """
     for group in optimizer.param_groups:
         group["lr"] = values["lr"]
         if group["apply_weight_decay"]:
             group["weight_decay"] = values["weight_decay"]
-    fingerprint = hashlib.sha256() if args.log_batch_fingerprints else None
-    outcome, losses = StepOutcome(), []
+    outcome, loss_sum, fingerprints = StepOutcome(), None, []
     for _ in range(args.gradient_accumulation_steps):
-        pixels = next(batches)  # uint8 (B, 3, H, W)
-        context_mask, target_mask = collator.sample(pixels.size(0))
-        if fingerprint is not None:
-            fingerprint.update(batch_fingerprint(pixels, context_mask, target_mask).encode())
+        batch = next(batches)
+        fingerprints.append(stream.last_fingerprint)
         with accelerator.accumulate(model):
-            outputs = model(
-                pixel_values=normalize(pixels, accelerator.device),
-                context_mask=[m.to(accelerator.device) for m in context_mask],
-                target_mask=[m.to(accelerator.device) for m in target_mask],
-            )
-            loss = accelerator.reduce(outputs.loss.detach().float(), reduction="mean").item()
-            if not math.isfinite(loss):
-                optimizer.zero_grad(set_to_none=True)
-                return StepOutcome(stop_reason=f"non-finite loss ({loss})")
-            losses.append(loss)
+            outputs = forward_micro_batch(model, batch, normalizer)
+            loss = outputs.loss.detach().float()
+            loss_sum = loss if loss_sum is None else loss_sum + loss
             accelerator.backward(outputs.loss)
             if accelerator.sync_gradients:
-                max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")  # inf: measure only
-                outcome.grad_norm = float(accelerator.clip_grad_norm_(parameters, max_norm))
+                outcome.loss = accelerator.reduce(loss_sum / args.gradient_accumulation_steps, reduction="mean")
+                torch.logical_or(halted, ~torch.isfinite(outcome.loss), out=halted)
+                if args.max_grad_norm > 0:
+                    outcome.grad_norm = accelerator.clip_grad_norm_(parameters, args.max_grad_norm)
+                elif logging_step:  # measured for the log only: no rescaling of every gradient by 1.0
+                    outcome.grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+                skip_if_halted(optimizer, halted)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     # One EMA update per real optimizer step, on every process with the same momentum.
     accelerator.unwrap_model(model).update_target_encoder(values["momentum"])
-    outcome.loss = sum(losses) / len(losses)
     outcome.outputs = outputs
-    outcome.context_length, outcome.target_length = context_mask[0].size(1), target_mask[0].size(1)
-    outcome.fingerprint = fingerprint.hexdigest()[:16] if fingerprint is not None else None
+    outcome.context_length, outcome.target_length = batch["context_mask"][0].size(1), batch["target_mask"][0].size(1)
+    if args.log_batch_fingerprints:
+        outcome.fingerprint = hashlib.sha256("".join(fingerprints).encode()).hexdigest()[:16]
     return outcome
 
 
-def step_metrics(accelerator, outcome: StepOutcome, values: dict, window_losses: list[float],
-                 images_per_second: float, data_state: DataState) -> dict[str, float]:
-    """Tracker metrics at a logging step (the corrupt-image count is summed over processes)."""
+def step_metrics(accelerator, outcome: StepOutcome, values: dict, window_loss: float, images_per_second: float,
+                 data_state: DataState) -> dict[str, float]:
+    """Tracker metrics at a logging step (reads the device values: the one sync of the logging window; the
+    corrupt-image count is summed over processes)."""
     batch = outcome.outputs.context_hidden_states.size(0) // max(1, len(outcome.outputs.context_mask))
     target = outcome.outputs.target_hidden_states.detach().float()  # (T*C*B, Kt, D)
     target = target.view(-1, batch, *target.shape[1:])  # (T*C, B, Kt, D)
@@ -86,11 +108,11 @@ def step_metrics(accelerator, outcome: StepOutcome, values: dict, window_losses:
         torch.tensor(float(data_state.corrupt_images), device=accelerator.device), reduction="sum"
     ).item()
     return {
-        "train/loss": sum(window_losses) / len(window_losses),
+        "train/loss": window_loss,
         "train/learning_rate": values["lr"],
         "train/weight_decay": values["weight_decay"],
         "train/ema_momentum": values["momentum"],
-        "train/grad_norm": outcome.grad_norm if outcome.grad_norm is not None else float("nan"),
+        "train/grad_norm": float(outcome.grad_norm) if outcome.grad_norm is not None else float("nan"),
         "train/context_length": outcome.context_length,
         "train/target_length": outcome.target_length,
         "train/images_per_second": images_per_second,

@@ -21,7 +21,7 @@ from PIL import Image
 
 from modeling_ijepa import IJepaForPreTraining
 from modeling_ijepa import convert_official as conv
-from script_loading import load_script
+from modeling_ijepa.conversion import ConversionArguments, run_conversion
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,9 +98,20 @@ def official_checkpoint(ddp_prefix: bool, seed: int = 0) -> dict:
 
 
 
+class ConvertCommand:
+    """What `scripts/convert_ijepa_checkpoint.py ARGV` computes, in process (its arguments, then `run_conversion`)."""
+
+    @staticmethod
+    def main(argv: list[str]) -> dict:
+        from transformers import HfArgumentParser
+
+        (args,) = HfArgumentParser(ConversionArguments).parse_args_into_dataclasses(args=argv)
+        return run_conversion(args)
+
+
 @pytest.fixture(scope="module")
 def convert_script():
-    return load_script("convert_ijepa_checkpoint")
+    return ConvertCommand()
 
 
 @pytest.fixture(scope="module")

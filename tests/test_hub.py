@@ -40,7 +40,6 @@ from modeling_ijepa.cards import (
     save_card,
 )
 from modeling_ijepa.hub import HubUploadError, files_to_upload, push_folder_to_hub
-from script_loading import load_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_test_token_for_the_fake_hub"
@@ -292,14 +291,14 @@ def test_push_to_hub_script__uploads_through_hf_endpoint(hub, tmp_path):
     assert hub.created[0]["visibility"] == "private"
 
 
-def test_push_to_hub_script__offline_exits_with_advice_and_no_traceback(hub, tmp_path, monkeypatch, capsys):
+@pytest.mark.slow  # a fresh Python process, as above
+def test_push_to_hub_script__offline_exits_with_advice_and_no_traceback(hub, tmp_path):
     make_folder(tmp_path / "run")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    script = load_script("push_to_hub")
-    with pytest.raises(SystemExit) as exit_info:
-        script.main([str(tmp_path / "run"), "--repo_id", "someone/from-cli"])
-    assert exit_info.value.code == 2
-    stderr = capsys.readouterr().err
+    script = str(REPO_ROOT / "scripts" / "push_to_hub.py")
+    env = {"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "home")}
+    done = run_script([script, str(tmp_path / "run"), "--repo_id", "someone/from-cli"], env, tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    stderr = done.stderr
     assert stderr.startswith("error: Cannot upload to someone/from-cli: Hugging Face offline mode is on")
     assert f"python scripts/push_to_hub.py {tmp_path / 'run'} --repo_id someone/from-cli" in stderr
     assert hub.requests == []
@@ -307,17 +306,13 @@ def test_push_to_hub_script__offline_exits_with_advice_and_no_traceback(hub, tmp
 
 def test_convert_script_push_to_hub__uploads_pretraining_and_encoder_dirs(hub, tmp_path, online, monkeypatch):
     """The conversion script's --push_to_hub: both directories, one commit each, after they were written."""
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
-    try:
-        from test_conversion import HEADS, official_checkpoint
-    finally:
-        sys.path.remove(str(REPO_ROOT / "tests"))
+    from test_conversion import HEADS, ConvertCommand, official_checkpoint  # tests/ is on sys.path under pytest
     import torch
 
     torch.save(official_checkpoint(ddp_prefix=True), tmp_path / "IN1K-vit.synthetic-7e.pth.tar")
     monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    report = load_script("convert_ijepa_checkpoint").main([
+    report = ConvertCommand.main([
         "--checkpoint", str(tmp_path / "IN1K-vit.synthetic-7e.pth.tar"), "--output_dir", str(tmp_path / "out"),
         "--export_encoder", str(tmp_path / "enc"), "--num_attention_heads", str(HEADS), "--push_to_hub",
         "--hub_repo_id", "someone/ijepa-synthetic", "--encoder_repo_id", "someone/ijepa-synthetic-target",

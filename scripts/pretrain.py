@@ -49,16 +49,29 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(preempted.exit_code) from None
     except (TrainingStopped, CheckpointCorruptError, CheckpointSpaceError) as stopped:
         raise SystemExit(str(stopped)) from None
-    output_dir = Path(results["output_dir"]).resolve()
     if results["is_main_process"]:
-        print(
-            f"\nPretraining done: {results['global_step']} steps, final loss {results['final_loss']:.4f}.\n"
-            f"The model is in {output_dir} (resumable checkpoint: {Path(results['checkpoint']).resolve()}).\n"
-            "Load the target encoder (the one the paper evaluates) with:\n"
-            "    from transformers import AutoModel\n"
-            f"    model = AutoModel.from_pretrained({str(output_dir)!r})\n"
-        )
+        print(closing_message(results))
     return results
+
+
+def closing_message(results: dict) -> str:
+    """What the run did, whether its features beat random init (with --monitor_label_column), where the model is."""
+    output_dir = Path(results["output_dir"]).resolve()
+    lines = [f"\nPretraining done: {results['global_step']} steps, final loss {results['final_loss']:.4f}."]
+    if "knn_accuracy" in results:
+        gap = 100 * (results["knn_accuracy"] - results["knn_accuracy_random_init"])
+        lines.append(
+            f"k-NN accuracy of the target encoder: {100 * results['knn_accuracy']:.1f}% pretrained vs "
+            f"{100 * results['knn_accuracy_random_init']:.1f}% for the same architecture at random init "
+            f"({gap:+.1f} points; the margin over random init is what shows learning)."
+        )
+    lines += [
+        f"The model is in {output_dir} (resumable checkpoint: {Path(results['checkpoint']).resolve()}).",
+        "Load the target encoder (the one the paper evaluates) with:",
+        "    from transformers import AutoModel",
+        f"    model = AutoModel.from_pretrained({str(output_dir)!r})\n",
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -136,7 +136,9 @@ class PretrainingArguments:
     )
     mixed_precision: str | None = field(
         default=None,
-        metadata={"help": "'no', 'bf16' or 'fp16' (official runs: bf16). Default: what `accelerate config` says."},
+        metadata={"help": "'no', 'bf16', 'fp16' (official runs: bf16) or 'auto' (one process: bf16 on GPUs; on CPUs "
+                  "the faster of fp32 and bf16 for this model's step at this batch, timed before training, fp32 on "
+                  "CPUs without AVX-512 BF16/AMX). Default: what `accelerate config` says."},
     )
     crop_scale: list[float] = field(
         default_factory=lambda: [0.3, 1.0], metadata={"help": "RandomResizedCrop scale (official `crop_scale`)."}
@@ -197,6 +199,16 @@ class PretrainingArguments:
         default=False,
         metadata={"help": "Write a hash of each step's batch and masks to train_log.jsonl (to check exact resume)."},
     )
+    monitor_label_column: str | None = field(
+        default=None,
+        metadata={"help": "Label column for the online k-NN monitor (off when absent): k-NN accuracy of the target "
+                  "encoder every --monitor_steps, and at the end against the same architecture at random init."},
+    )
+    monitor_steps: int = field(default=0, metadata={"help": "k-NN monitor every N steps (0: only at the end)."})
+    monitor_train_split: str = field(default="train", metadata={"help": "Split of the k-NN monitor's bank."})
+    monitor_eval_split: str = field(default="test", metadata={"help": "Split the k-NN monitor is evaluated on."})
+    monitor_train_samples: int = field(default=2000, metadata={"help": "Images in the k-NN monitor's bank."})
+    monitor_eval_samples: int = field(default=1000, metadata={"help": "Images the k-NN monitor evaluates."})
     push_to_hub: bool = field(default=False, metadata={"help": "Upload output_dir to the Hub at the end."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id (default: output_dir's name)."})
     hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})

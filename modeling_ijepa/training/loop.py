@@ -36,8 +36,9 @@ from .data import (
     AugmentationSettings, BatchIndexedMaskCollator, DataState, ImageBatchStream, PixelNormalizer, count_train_samples,
     default_num_workers, detect_image_column, load_train_dataset, shard_for_process,
 )
+from . import monitoring
 from .publish import push_run_to_hub, write_model_card
-from .schedules import Schedules
+from .schedules import Schedules, step_for_global_batch
 from .preemption import Preempted, PreemptionGuard
 from .step import step_metrics, train_step
 from .validation import validate_arguments, validate_world_size
@@ -113,6 +114,7 @@ class PretrainingRun:
     data_state: DataState = field(default_factory=DataState)
     global_step: int = 0
     run_losses: list[float] = field(default_factory=list)
+    knn_monitor: monitoring.KnnMonitor | None = None  # set when --monitor_label_column names a label column
     preemption: PreemptionGuard | None = None  # set by `pretrain` while training
 
     def trainer_state(self) -> dict:
@@ -127,17 +129,69 @@ class PretrainingRun:
         )
 
 
-def make_accelerator(args: PretrainingArguments):
+# torch's default DDP bucket size; the one-layer graphs of `compile_regions` fit in it. Unmeasured on multi-GPU runs:
+# change it only with a measurement.
+DDP_BUCKET_CAP_MB = 25
+
+
+def ddp_kwargs():
+    """DDP options: gradients are views into the all-reduce buckets (one copy of the gradients less: 2.6 GB for
+    ViT-H/14); `static_graph` stays off (valid for this model, every step uses the same parameters, but unmeasured
+    with gradient accumulation and compiled layers); no unused-parameter search (the frozen target encoder has no
+    gradients and is not registered with the reducer)."""
+    from accelerate import DistributedDataParallelKwargs
+
+    return DistributedDataParallelKwargs(
+        gradient_as_bucket_view=True, static_graph=False, bucket_cap_mb=DDP_BUCKET_CAP_MB, find_unused_parameters=False,
+    )
+
+
+def refuse_unsupported_distribution(accelerator) -> None:
+    """FSDP is not supported: the predictor's last layer (`layer_outputs_for_trailing_tokens`) calls its submodules
+    directly, past FSDP's parameter all-gather, and the EMA update and the end-of-run checksum pair local shards."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise RuntimeError(
+            "FSDP is not supported by this pretraining script (the predictor's trimmed last layer bypasses FSDP's "
+            "parameter gathering, and the EMA update and checksums would pair sharded tensors). Launch with DDP "
+            "(`accelerate launch --multi_gpu ...`, no FSDP plugin in `accelerate config`); to fit a larger model per "
+            "GPU use --gradient_checkpointing or a smaller --per_device_train_batch_size with "
+            "--gradient_accumulation_steps."
+        )
+
+
+def resolve_mixed_precision(args: PretrainingArguments, model_args: ModelArguments | None) -> tuple[str | None, str]:
+    """--mixed_precision as Accelerate takes it; `auto` is decided by timing this run's step (`precision`)."""
+    if args.mixed_precision != "auto":
+        return args.mixed_precision, ""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or model_args is None:
+        raise ValueError(
+            "--mixed_precision auto times the step in one process, and every process must agree: run once with one "
+            "process (it prints its choice and both timings), then launch with --mixed_precision bf16 or no."
+        )
+    from .precision import choose_mixed_precision
+
+    return choose_mixed_precision(model_args, args.per_device_train_batch_size)
+
+
+def make_accelerator(args: PretrainingArguments, model_args: ModelArguments | None = None):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
     output_dir = Path(args.output_dir)
-    return Accelerator(
+    mixed_precision, why = resolve_mixed_precision(args, model_args)
+    accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
+        mixed_precision=mixed_precision,
         log_with=tracker_names(args.report_to),
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
+        kwargs_handlers=[ddp_kwargs()],
     )
+    refuse_unsupported_distribution(accelerator)
+    if why:
+        accelerator.print(why)
+    return accelerator
 
 
 def prepare_output_dir(accelerator, args: PretrainingArguments) -> Path | None:
@@ -241,8 +295,6 @@ def restore(run: PretrainingRun, resume_path: Path, ignore_data_skip: bool) -> N
     """Load a checkpoint into `run`: weights, optimizer and RNGs (Accelerate), the step, and unless
     `ignore_data_skip` this process's data position and mask-collator state."""
     trainer_state = json.loads((resume_path / TRAINER_STATE_NAME).read_text())
-    run.accelerator.load_state(str(resume_path))
-    run.global_step = int(trainer_state["global_step"])
     saved_world = int(trainer_state["world_size"])
     if saved_world != run.world_size and not ignore_data_skip:
         raise RuntimeError(
@@ -250,6 +302,18 @@ def restore(run: PretrainingRun, resume_path: Path, ignore_data_skip: bool) -> N
             "cannot be restored. Relaunch with the same number of processes, or pass --ignore_data_skip to "
             "continue with fresh data order (batches then differ from an uninterrupted run)."
         )
+    # Another global batch (world size): continue from the same number of images, not the same step count; checked
+    # before loading, so that a refusal costs no read of the checkpoint.
+    saved_step, saved_batch = int(trainer_state["global_step"]), int(trainer_state["global_batch_size"])
+    global_step = step_for_global_batch(
+        saved_step, saved_global_batch=saved_batch, saved_schedules=trainer_state.get("schedules"),
+        schedules=run.schedules, global_batch=run.global_batch_size,
+    )
+    run.accelerator.load_state(str(resume_path))
+    run.global_step = global_step
+    if saved_batch != run.global_batch_size:
+        logger.info("Checkpoint step %d at global batch %d = step %d at global batch %d (%d images seen).",
+                    saved_step, saved_batch, global_step, run.global_batch_size, saved_step * saved_batch)
     if not ignore_data_skip:
         rank_file = resume_path / RANK_STATE_NAME.format(rank=run.accelerator.process_index)
         rank_state = json.loads(rank_file.read_text())
@@ -373,6 +437,7 @@ def train(run: PretrainingRun, args: PretrainingArguments) -> str | None:
                     return stop_reason
                 if logging_step:
                     log_window(run, args, outcome, values, losses, seconds, progress)
+            monitor_health(run, args, outcome)
             if run.preemption is not None and run.preemption.should_stop(accelerator, run.global_step,
                                                                          schedules.train_steps):
                 stop_reason, _ = flush_window(run, window)
@@ -385,6 +450,33 @@ def train(run: PretrainingRun, args: PretrainingArguments) -> str | None:
         run.stream.close()
         progress.close()
 
+
+def monitor_health(run: PretrainingRun, args: PretrainingArguments, outcome) -> None:
+    """RankMe of the target features at logging steps; the k-NN monitor every --monitor_steps (main process logs)."""
+    step = run.global_step
+    metrics = {}
+    if step % args.logging_steps == 0:
+        value, threshold = monitoring.rankme_of_step(outcome.outputs)
+        monitoring.warn_if_collapsing(value, threshold, step)
+        metrics["health/rankme"] = value
+    if run.knn_monitor is not None and args.monitor_steps and step % args.monitor_steps == 0:
+        target_encoder = run.accelerator.unwrap_model(run.model).ijepa
+        metrics["health/knn_accuracy"] = run.knn_monitor.accuracy(target_encoder, run.accelerator.device)
+        logger.info("Step %d: k-NN accuracy of the target encoder %.2f%%.", step, 100 * metrics["health/knn_accuracy"])
+    if metrics:
+        run.accelerator.log(metrics, step=step)
+
+
+def final_knn(run: PretrainingRun, seed: int) -> dict:
+    """`{"knn_accuracy", "knn_accuracy_random_init"}` of the target encoder at the end (empty without labels)."""
+    if run.knn_monitor is None:
+        return {}
+    unwrapped = run.accelerator.unwrap_model(run.model)
+    device = run.accelerator.device
+    return {
+        "knn_accuracy": run.knn_monitor.accuracy(unwrapped.ijepa, device),
+        "knn_accuracy_random_init": run.knn_monitor.random_init_accuracy(unwrapped.config, seed, device),
+    }
 
 
 def run_results(run: PretrainingRun, checkpoint: Path, start_step: int, runtime: float) -> dict:
@@ -423,12 +515,15 @@ def pretrain(model_args: ModelArguments, data_args: DataTrainingArguments, args:
     after saving on SIGTERM or --save_on_signal, `checkpoints.CheckpointSpaceError` when the disk fills up.
     """
     validate_arguments(model_args, data_args, args)  # before any data is read or model built
-    accelerator = make_accelerator(args)
+    accelerator = make_accelerator(args, model_args)
     setup_logging(accelerator)
     world_size = check_world_size(accelerator)
     resume_path = prepare_output_dir(accelerator, args)
     validate_world_size(args, data_args, world_size, resume_path)
     run = build_run(model_args, data_args, args, accelerator)
+    run.knn_monitor = monitoring.build_knn_monitor(
+        data_args, args, run.image_processor, accelerator.unwrap_model(run.model).config.num_channels
+    )
     if resume_path is not None:
         restore(run, resume_path, args.ignore_data_skip)
     start_trackers(run, model_args, data_args, args, model_args.config_name)
@@ -439,6 +534,7 @@ def pretrain(model_args: ModelArguments, data_args: DataTrainingArguments, args:
         # End of run (also after a non-finite loss or a preemption: the weights are those of the last good step).
         checkpoint = run.save(args.save_total_limit)
     results = run_results(run, checkpoint, start_step, time.perf_counter() - start_time)
+    results.update(final_knn(run, args.seed))
     if accelerator.is_main_process:
         (run.output_dir / "all_results.json").write_text(json.dumps(results, indent=2))
     results["is_main_process"] = accelerator.is_main_process  # not in the file: which process returned these

@@ -53,3 +53,58 @@ def test_prediction_loss__fp32_inputs_are_used_as_they_are():
     assert torch.equal(prediction_loss(predicted, targets, "smooth_l1"),
                        torch.nn.functional.smooth_l1_loss(predicted, targets))
     assert torch.equal(prediction_loss(predicted, targets, "mse"), torch.nn.functional.mse_loss(predicted, targets))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# --mixed_precision auto: timed on the run's own step
+
+
+def test_choose_mixed_precision__picks_bf16_only_when_its_step_is_faster():
+    from modeling_ijepa.training.arguments import ModelArguments
+    from modeling_ijepa.training.precision import choose_mixed_precision
+
+    model_args = ModelArguments(config_name="tiny-cpu")
+    seen = []
+
+    def timer(step_seconds):
+        def time_step(model, batch_size, dtype):
+            seen.append((type(model).__name__, batch_size, dtype))
+            return step_seconds[dtype is not None]
+        return time_step
+
+    choice, why = choose_mixed_precision(model_args, 16, timer=timer((2.0, 1.0)), flags=["amx_bf16"])
+    assert choice == "bf16" and "2000.0 ms in fp32" in why and "1000.0 ms in bf16" in why
+    assert seen == [("IJepaForPreTraining", 16, None), ("IJepaForPreTraining", 16, torch.bfloat16)]
+    choice, why = choose_mixed_precision(model_args, 16, timer=timer((1.0, 0.99)), flags=["amx_bf16"])
+    assert choice == "no" and "using fp32" in why  # within the noise margin: never risk a slower run
+    seen.clear()
+    choice, why = choose_mixed_precision(model_args, 16, timer=timer((2.0, 1.0)), flags=[])
+    assert choice == "no" and "not probed" in why and seen == []
+
+
+def test_choose_mixed_precision__real_probe_times_both_steps():
+    from modeling_ijepa.training.arguments import ModelArguments
+    from modeling_ijepa.training.precision import choose_mixed_precision, time_step
+
+    timings = {}
+
+    def recording_timer(model, batch_size, dtype):
+        timings[dtype] = time_step(model, batch_size, dtype, steps=1)
+        return timings[dtype]
+
+    narrow = ("hidden_size=32,num_hidden_layers=2,num_attention_heads=4,intermediate_size=64,pred_hidden_size=16,"
+              "pred_num_hidden_layers=2,pred_num_attention_heads=4")
+    model_args = ModelArguments(config_name="tiny-cpu", config_overrides=narrow)
+    choice, why = choose_mixed_precision(model_args, 4, timer=recording_timer, flags=["forced-for-test"])
+    faster = timings[torch.bfloat16] * 1.05 <= timings[None]
+    assert choice == ("bf16" if faster else "no"), why
+
+
+def test_resolve_mixed_precision__auto_refused_with_several_processes(monkeypatch):
+    from modeling_ijepa.training.arguments import ModelArguments, PretrainingArguments
+    from modeling_ijepa.training.loop import resolve_mixed_precision
+
+    assert resolve_mixed_precision(PretrainingArguments(mixed_precision="bf16"), None) == ("bf16", "")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="run once with one process"):
+        resolve_mixed_precision(PretrainingArguments(mixed_precision="auto"), ModelArguments(config_name="tiny-cpu"))

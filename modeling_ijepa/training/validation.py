@@ -16,7 +16,7 @@ from pathlib import Path
 from .arguments import DataTrainingArguments, ModelArguments, PretrainingArguments
 
 # Accelerate's `PrecisionType` and `LoggerType` values (kept here so the check needs no accelerate import).
-MIXED_PRECISION_NAMES = ("no", "fp16", "bf16", "fp8")
+MIXED_PRECISION_NAMES = ("no", "fp16", "bf16", "fp8", "auto")  # auto: `precision.choose_mixed_precision`
 TRACKER_NAMES = (
     "tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab", "aim", "all", "none",
 )

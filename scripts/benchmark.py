@@ -3,10 +3,12 @@
 
 Three comparisons, each measured in one process with warm-up, interleaved repetitions and medians:
 
-* **step**: one full pretraining step (mask sampling -> forward -> backward -> AdamW -> EMA) of
-  `IJepaForPreTraining` against `modeling_ijepa/benchmarks/official_style.py`, a baseline written in the style of the
-  official implementation, from the same weights. Both steps run their own mask sampler (timed), then feed their model
-  the same pre-drawn masks so both do identical work; the losses of the first steps are compared numerically.
+* **step**: one full pretraining step (forward -> backward -> AdamW -> EMA) of `IJepaForPreTraining` against
+  `modeling_ijepa/benchmarks/official_style.py`, a baseline written in the style of the official implementation, from
+  the same weights, both fed the same pre-drawn masks so both do identical work; the losses of the first steps are
+  compared numerically. Each mask sampler is timed apart (`ours_sampler_s`, `baseline_sampler_s`): both trainings
+  sample masks in their data-loader workers, so a sampler inside the timed step would charge the training process
+  for work it does not do (the baseline's Python-loop sampler takes 30-60 ms a batch at ViT-H/14).
 * **inference**: `modeling_ijepa.IJepaModel` against `transformers.IJepaModel` with the same weights and outputs.
 * **collator**: the vectorised `IJepaMaskCollator` against the Python-loop sampler of the official algorithm.
 
@@ -57,6 +59,7 @@ from modeling_ijepa import (
     sample_masks,
 )
 from modeling_ijepa.benchmarks.official_style import LoopMaskSampler, OfficialStylePretraining, load_from_ours
+from modeling_ijepa.compilation import compile_regions
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Official configs: AdamW with weight decay 0.04 (ramped to 0.4) and lr up to 1e-3; the values only need to be
@@ -88,6 +91,10 @@ class BenchmarkArguments:
         metadata={"help": "eager, sdpa, flash_attention_2 (skipped when not installed) for our models."},
     )
     compile: list[str] = field(default_factory=lambda: ["off"], metadata={"help": "off and/or on (torch.compile)."})
+    compile_backend: str = field(
+        default="inductor",
+        metadata={"help": "torch.compile backend ('aot_eager' checks the compiled path quickly on CPU)."},
+    )
     sections: list[str] = field(
         default_factory=lambda: ["step", "inference", "collator"], metadata={"help": "Which comparisons to run."}
     )
@@ -179,16 +186,16 @@ def weight_decay_groups(parameters):
 class OurStep:
     """Our training step as the pretraining script runs it: vectorised masks, fused AdamW, foreach EMA."""
 
-    def __init__(self, config, device, dtype_name, compile_model, gradient_checkpointing, total_steps=1000):
+    def __init__(self, config, device, dtype_name, compile_model, gradient_checkpointing, total_steps=1000,
+                 compile_backend="inductor"):
         with device:  # initialise directly on the device (ViT-H has 1.3B parameters to initialise)
             self.model = IJepaForPreTraining(config).train()
         # What the pretraining script does once it feeds masks from IJepaMaskCollator: no value checks (GPU syncs).
         self.model.check_mask_values = False
         if gradient_checkpointing:
             self.model.activation_checkpointing_enable()
-        if compile_model:
-            for module in (self.model.context_encoder, self.model.predictor, self.model.ijepa):
-                module.compile()
+        if compile_model:  # as --torch_compile does: per layer
+            compile_regions(self.model, backend=compile_backend)
         self.settings = MaskSamplingSettings.from_config(config)
         self.optimizer = torch.optim.AdamW(
             weight_decay_groups(self.model.parameters()), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
@@ -204,8 +211,7 @@ class OurStep:
             return self.model(pixel_values, context_mask=context_mask, target_mask=target_mask).loss
 
     def __call__(self, pixel_values, masks, generator):
-        self.sample(pixel_values.size(0), generator)  # timed; the model gets the shared masks
-        loss = self.loss(pixel_values, *masks)
+        loss = self.loss(pixel_values, *masks)  # masks: drawn by the loader's workers in training (timed apart here)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -217,14 +223,15 @@ class OurStep:
 class BaselineStep:
     """The official-style step: Python-loop masks, naive attention, per-tensor AdamW, per-parameter EMA loop."""
 
-    def __init__(self, ours: IJepaForPreTraining, config, device, dtype_name, compile_model, total_steps=1000):
+    def __init__(self, ours: IJepaForPreTraining, config, device, dtype_name, compile_model, total_steps=1000,
+                 compile_backend="inductor"):
         with device:
             self.model = OfficialStylePretraining(config)
         load_from_ours(self.model, ours)
         self.model.train()
         if compile_model:
             for module in (self.model.encoder, self.model.predictor, self.model.target_encoder):
-                module.compile()
+                module.compile(backend=compile_backend)
         self.sampler = LoopMaskSampler.from_config(config)
         # torch's default AdamW implementation for these tensors (what `torch.optim.AdamW(param_groups)` gives).
         self.optimizer = torch.optim.AdamW(
@@ -241,8 +248,7 @@ class BaselineStep:
             return self.model.loss(pixel_values, context_mask, target_mask)
 
     def __call__(self, pixel_values, masks, generator):
-        self.sample(pixel_values.size(0), generator)
-        loss = self.loss(pixel_values, *masks)
+        loss = self.loss(pixel_values, *masks)  # the official loader's workers sample masks (timed apart here)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -268,8 +274,11 @@ def make_inputs(config, batch_size, device, seed, count):
 def build_steps(spec, device):
     torch.manual_seed(spec["seed"])
     config = ijepa_config_from_preset(spec["config"], attn_implementation=spec["attn"])
-    ours = OurStep(config, device, spec["dtype"], spec["compile"], spec["gradient_checkpointing"])
-    baseline = BaselineStep(ours.model, config, device, spec["dtype"], spec["compile"]) if spec["baseline"] else None
+    backend = spec.get("compile_backend", "inductor")
+    ours = OurStep(config, device, spec["dtype"], spec["compile"], spec["gradient_checkpointing"],
+                   compile_backend=backend)
+    baseline = BaselineStep(ours.model, config, device, spec["dtype"], spec["compile"],
+                            compile_backend=backend) if spec["baseline"] else None
     return config, ours, baseline
 
 
@@ -384,6 +393,11 @@ def bench_step(spec, device, args) -> dict:
     result.update(ours_s=times["ours"], images_per_s=spec["batch_size"] / times["ours"])
     if baseline is not None:
         result.update(baseline_s=times["baseline"], ratio=times["ours"] / times["baseline"])
+    samplers = {"ours": partial(ours.sample, spec["batch_size"], generator)}
+    if baseline is not None:
+        samplers["baseline"] = partial(baseline.sample, spec["batch_size"], generator)
+    for impl, seconds in interleaved_medians(samplers, 1, args.reps, torch.device("cpu")).items():
+        result[f"{impl}_sampler_s"] = seconds  # CPU work of the data-loader workers, not of the step
     if args.flops:
         flops = count_flops(ours, pixel_values, masks)
         peak = matmul_peak_flops(device, DTYPES[spec["dtype"]])
@@ -552,7 +566,8 @@ def main():
                 for compile_flag in args.compile:
                     spec = dict(config=preset, batch_size=batch, dtype=dtype_name, attn=attn,
                                 compile=compile_flag == "on", seed=args.seed, baseline=args.baseline,
-                                gradient_checkpointing=args.gradient_checkpointing)
+                                gradient_checkpointing=args.gradient_checkpointing,
+                                compile_backend=args.compile_backend)
                     reason = attn_available(attn, device)
                     for section in ("step", "inference"):
                         if section not in args.sections:

@@ -53,6 +53,14 @@ class IJepaConfig(TransformersIJepaConfig):
         rescale_init_by_depth (`bool`, defaults to `False`): divide each layer's attention-output and second MLP
             weights by `sqrt(2 * layer_index)` at init, as the official model classes do. The official training
             helper re-initialises every linear layer right after, undoing it, so the released runs started without it.
+
+    Options beyond the paper (off by default; docs/evaluation.md measures them on small data):
+        num_mask_sets (`int`, defaults to 1): mask sets per image (data2vec 2.0's multi-mask): the target encoder runs
+            once per image and its targets serve `num_mask_sets` independent context/target mask sets, so one image
+            gives `num_mask_sets` predictions; masks then have batch `num_mask_sets * B` (set-major).
+        target_num_layers (`int`, defaults to 1): targets are the average of the target encoder's last
+            `target_num_layers` layer outputs, each instance-normalised over the patches, then layer-normed
+            (data2vec-style). 1 is the official target: the final (layer-normed) output, layer-normed again.
     """
 
     model_type = "ijepa"
@@ -83,6 +91,9 @@ class IJepaConfig(TransformersIJepaConfig):
 
     loss_type: str = "smooth_l1"
     rescale_init_by_depth: bool = False
+
+    num_mask_sets: int = 1
+    target_num_layers: int = 1
 
     def __post_init__(self, **kwargs):
         if self.pred_num_attention_heads is None:
@@ -135,7 +146,8 @@ class IJepaConfig(TransformersIJepaConfig):
                 f"pred_hidden_size={self.pred_hidden_size} is not divisible by pred_num_attention_heads={pred_heads} "
                 "(which defaults to num_attention_heads): set pred_num_attention_heads to a divisor of pred_hidden_size."
             )
-        for name in ("num_context_blocks", "num_target_blocks", "pred_num_hidden_layers", "pred_hidden_size"):
+        for name in ("num_context_blocks", "num_target_blocks", "pred_num_hidden_layers", "pred_hidden_size",
+                     "num_mask_sets", "target_num_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         for name in ("context_block_scale", "target_block_scale"):
@@ -156,6 +168,11 @@ class IJepaConfig(TransformersIJepaConfig):
             raise ValueError(f"loss_type={self.loss_type!r} is not one of {LOSS_TYPES}.")
         if self.mask_sampling not in MASK_SAMPLING_MODES:
             raise ValueError(f"mask_sampling={self.mask_sampling!r} is not one of {MASK_SAMPLING_MODES}.")
+        if self.target_num_layers > self.num_hidden_layers:
+            raise ValueError(
+                f"target_num_layers={self.target_num_layers} exceeds num_hidden_layers={self.num_hidden_layers}: "
+                "targets can average at most every layer of the encoder."
+            )
         if self.pred_mlp_ratio <= 0:
             raise ValueError(f"pred_mlp_ratio must be positive, got {self.pred_mlp_ratio}.")
 

@@ -283,6 +283,8 @@ class IJepaMaskCollator:
 
     def __init__(self, config, seed: int = 0, rank: int | None = None, **overrides):
         self.settings = MaskSamplingSettings.from_config(config, **overrides)
+        # `config.num_mask_sets` mask sets per image (set-major rows: set s of image b is row s * B + b).
+        self.num_mask_sets = int(getattr(config, "num_mask_sets", 1))
         self.seed = int(seed)
         self._rank = rank
         self.num_batches = 0  # batches collated by this (per-worker) copy
@@ -304,10 +306,12 @@ class IJepaMaskCollator:
         return generator
 
     def sample(self, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Masks for the next batch (advances the batch counter)."""
+        """Masks for the next batch of `batch_size` images (advances the batch counter): `(num_mask_sets * B, K)`."""
         generator = self.generator_for_batch(self.num_batches)
         self.num_batches += 1
-        context_mask, target_mask, self.last_stats = sample_masks(self.settings, batch_size, generator)
+        context_mask, target_mask, self.last_stats = sample_masks(
+            self.settings, batch_size * self.num_mask_sets, generator
+        )
         return context_mask, target_mask
 
     def __call__(self, examples: list[dict]) -> dict:

@@ -612,13 +612,33 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         self, pixel_values: torch.Tensor, target_mask: list[torch.Tensor], num_context_blocks: int, **kwargs
     ) -> torch.Tensor:
         """Official `forward_target`: target encoder on the full image, layer norm over features (no affine),
-        gathered at the target blocks and repeated per context block. Returns `(T * C * B, Kt, D)`."""
-        batch_size = pixel_values.size(0)
-        features = self.ijepa(pixel_values, **kwargs).last_hidden_state  # (B, N, D)
+        gathered at the target blocks and repeated per context block. Returns `(T * C * M * B, Kt, D)` with M =
+        `config.num_mask_sets` (1: the official `(T * C * B, Kt, D)`): the encoder runs once per image, and with
+        M > 1 its features serve every mask set (`target_mask` then has `M * B` rows, set-major)."""
+        features = self.target_features(pixel_values, **kwargs)  # (B, N, D), fp32
+        num_mask_sets = target_mask[0].size(0) // pixel_values.size(0)
+        if num_mask_sets > 1:
+            features = features.repeat(num_mask_sets, 1, 1)  # (M*B, N, D): row s*B + b is image b
+        targets = gather_patches(features, target_mask)  # (T*M*B, Kt, D)
+        return repeat_interleave_batch(targets, features.size(0), repeat=num_context_blocks)
+
+    @torch.no_grad()
+    def target_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        """`(B, N, D)` fp32 per-patch targets before gathering: the final output layer-normed (official), or with
+        `config.target_num_layers = k > 1` the average of the last k layer outputs, each instance-normalised over
+        the patches (data2vec), then layer-normed."""
+        num_layers = self.config.target_num_layers
+        outputs = self.ijepa(pixel_values, output_hidden_states=num_layers > 1, **kwargs)
+        if num_layers == 1:
+            features = outputs.last_hidden_state
+        else:
+            # hidden_states = (embeddings, layer 1, ..., layer L), each before the final LayerNorm.
+            layers = [hidden.float() for hidden in outputs.hidden_states[-num_layers:]]
+            features = torch.stack(
+                [F.instance_norm(layer.transpose(1, 2)).transpose(1, 2) for layer in layers]
+            ).mean(dim=0)
         # In fp32 under autocast too (CPU autocast would run layer_norm in bf16): the official targets are fp32.
-        features = F.layer_norm(features.float(), (features.size(-1),), eps=TARGET_LAYER_NORM_EPS)
-        targets = gather_patches(features, target_mask)  # (T*B, Kt, D)
-        return repeat_interleave_batch(targets, batch_size, repeat=num_context_blocks)
+        return F.layer_norm(features.float(), (features.size(-1),), eps=TARGET_LAYER_NORM_EPS)
 
     def forward(
         self,
@@ -636,7 +656,9 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         r"""
         Args:
             pixel_values (`(B, num_channels, height, width)`): images.
-            context_mask (list of C LongTensors `(B, Kc)`, *optional*): context patches.
+            context_mask (list of C LongTensors `(B, Kc)`, *optional*): context patches. With
+                `config.num_mask_sets = M > 1` both masks have `M * B` rows, set-major (row `s * B + b` is mask set
+                `s` of image `b`), and every output's `B` below reads `M * B`.
             target_mask (list of T LongTensors `(B, Kt)`, *optional*): target patches. When both masks are absent they
                 are sampled with the config's multi-block sampler (using `generator` if given).
             interpolate_pos_encoding (`bool`, *optional*): images of another size than `config.image_size`. Masks
@@ -658,7 +680,8 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         context_mask, target_mask = as_mask_list(context_mask), as_mask_list(target_mask)
         if (context_mask is None) != (target_mask is None):
             raise ValueError("Pass both context_mask and target_mask, or neither (then they are sampled).")
-        batch_size = pixel_values.size(0)
+        num_images = pixel_values.size(0)
+        batch_size = num_images * self.config.num_mask_sets  # mask rows: one per (mask set, image), set-major
         patch_grid = self.config.patch_grid
         if interpolate_pos_encoding:
             patch_h, patch_w = self.config.patch_size_hw
@@ -678,8 +701,11 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         targets = self.compute_targets(
             pixel_values, target_mask, len(context_mask), interpolate_pos_encoding=interpolate_pos_encoding
         )
+        context_pixels = pixel_values
+        if batch_size != num_images:  # the context encoder sees each image once per mask set
+            context_pixels = pixel_values.repeat(self.config.num_mask_sets, 1, 1, 1)
         context_outputs = self.context_encoder(
-            pixel_values,
+            context_pixels,
             context_mask=context_mask,
             interpolate_pos_encoding=interpolate_pos_encoding,
             output_hidden_states=output_hidden_states,

@@ -1,0 +1,90 @@
+"""Options beyond the paper for small data (issue 15), each off by default: several mask sets per image sharing one
+target-encoder pass, and targets averaged over the last k layers (data2vec-style)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modeling_ijepa import IJepaForPreTraining, IJepaMaskCollator, ijepa_config_from_preset
+from modeling_ijepa.modeling_ijepa import TARGET_LAYER_NORM_EPS
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(**overrides) -> IJepaForPreTraining:
+    torch.manual_seed(0)
+    return IJepaForPreTraining(ijepa_config_from_preset("tiny-cpu", num_hidden_layers=3, **overrides)).eval()
+
+
+def rows(masks, start, stop):
+    return [m[start:stop] for m in masks]
+
+
+def test_mask_sets__collator_samples_one_set_per_image_and_set_set_major():
+    config = ijepa_config_from_preset("tiny-cpu", num_mask_sets=3)
+    batch = IJepaMaskCollator(config, seed=0)([{"pixel_values": torch.zeros(3, 32, 32)} for _ in range(4)])
+    assert batch["pixel_values"].shape == (4, 3, 32, 32)
+    assert all(m.size(0) == 12 for m in batch["context_mask"] + batch["target_mask"])
+    # Different mask sets of the same image differ (independent draws).
+    assert not torch.equal(batch["target_mask"][0][0], batch["target_mask"][0][4])
+
+
+def test_mask_sets__one_target_pass_and_the_loss_averages_the_sets():
+    model = tiny(num_mask_sets=2)
+    single = tiny()  # same weights (same seed), one mask set
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    context_mask, target_mask = model.sample_masks(6, torch.Generator().manual_seed(2))
+    calls = []
+    model.ijepa.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        out = model(pixels, context_mask=context_mask, target_mask=target_mask)
+        per_set = [single(pixels, context_mask=rows(context_mask, 3 * s, 3 * s + 3),
+                          target_mask=rows(target_mask, 3 * s, 3 * s + 3)) for s in range(2)]
+    assert calls == [3]  # the target encoder ran once, on the 3 images
+    assert out.target_hidden_states.shape[0] == 4 * 1 * 6 and out.context_hidden_states.shape[0] == 6
+    torch.testing.assert_close(out.loss, (per_set[0].loss + per_set[1].loss) / 2, rtol=1e-6, atol=1e-7)
+
+
+def test_mask_sets__sampled_masks_cover_every_set():
+    model = tiny(num_mask_sets=2)
+    out = model(torch.randn(2, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    assert all(m.size(0) == 4 for m in out.context_mask + out.target_mask) and out.loss.isfinite()
+
+
+def test_target_layers__default_is_the_official_target():
+    model = tiny()
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model.ijepa(pixels).last_hidden_state
+        expected = F.layer_norm(expected, (expected.size(-1),), eps=TARGET_LAYER_NORM_EPS)
+        assert torch.equal(model.target_features(pixels), expected)
+
+
+def test_target_layers__average_of_instance_normed_last_layers_then_layer_norm():
+    model = tiny(target_num_layers=2)
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        hidden = model.ijepa(pixels, output_hidden_states=True).hidden_states  # (embeddings, layer 1..3)
+        normed = []
+        for layer in hidden[-2:]:  # layers 2 and 3, by hand: standardise each feature over the 64 patches
+            mean, var = layer.mean(dim=1, keepdim=True), layer.var(dim=1, unbiased=False, keepdim=True)
+            normed.append((layer - mean) / torch.sqrt(var + 1e-5))
+        average = (normed[0] + normed[1]) / 2
+        mean, var = average.mean(-1, keepdim=True), average.var(-1, unbiased=False, keepdim=True)
+        expected = (average - mean) / torch.sqrt(var + TARGET_LAYER_NORM_EPS)
+        torch.testing.assert_close(model.target_features(pixels), expected, rtol=1e-5, atol=1e-5)
+        # Not the final layer-normed output: the option changes what is predicted.
+        assert not torch.allclose(model.target_features(pixels), tiny().target_features(pixels), atol=1e-3)
+
+
+def test_target_layers__more_than_the_encoder_has_is_refused():
+    from huggingface_hub.errors import StrictDataclassClassValidationError  # what @strict configs raise
+
+    with pytest.raises(StrictDataclassClassValidationError, match="target_num_layers=4 exceeds num_hidden_layers=3"):
+        ijepa_config_from_preset("tiny-cpu", num_hidden_layers=3, target_num_layers=4)

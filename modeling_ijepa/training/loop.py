@@ -115,6 +115,7 @@ class PretrainingRun:
     global_step: int = 0
     run_losses: list[float] = field(default_factory=list)
     knn_monitor: monitoring.KnnMonitor | None = None  # set when --monitor_label_column names a label column
+    rankme_history: list[tuple[int, float]] = field(default_factory=list)  # (step, RankMe) at logging steps
     preemption: PreemptionGuard | None = None  # set by `pretrain` while training
 
     def trainer_state(self) -> dict:
@@ -459,6 +460,7 @@ def monitor_health(run: PretrainingRun, args: PretrainingArguments, outcome) -> 
         value, threshold = monitoring.rankme_of_step(outcome.outputs)
         monitoring.warn_if_collapsing(value, threshold, step)
         metrics["health/rankme"] = value
+        run.rankme_history.append((step, value))
     if run.knn_monitor is not None and args.monitor_steps and step % args.monitor_steps == 0:
         target_encoder = run.accelerator.unwrap_model(run.model).ijepa
         metrics["health/knn_accuracy"] = run.knn_monitor.accuracy(target_encoder, run.accelerator.device)
@@ -535,6 +537,7 @@ def pretrain(model_args: ModelArguments, data_args: DataTrainingArguments, args:
         checkpoint = run.save(args.save_total_limit)
     results = run_results(run, checkpoint, start_step, time.perf_counter() - start_time)
     results.update(final_knn(run, args.seed))
+    results["rankme"] = run.rankme_history
     if accelerator.is_main_process:
         (run.output_dir / "all_results.json").write_text(json.dumps(results, indent=2))
     results["is_main_process"] = accelerator.is_main_process  # not in the file: which process returned these

@@ -113,6 +113,13 @@ class BenchmarkArguments:
     seed: int = field(default=0)
     output: str = field(default="benchmark_results.json", metadata={"help": "Where to write the JSON results."})
     memory_probe: str | None = field(default=None, metadata={"help": "Internal: run one memory measurement (JSON spec)."})
+    pipeline_config: str = field(default="tiny-cpu", metadata={"help": "Preset of the `pipeline` section."})
+    pipeline_batch_size: int = field(default=64, metadata={"help": "Per-device batch of the `pipeline` section."})
+    pipeline_steps: int = field(default=60, metadata={"help": "Steps of the longer `pipeline` loop run."})
+    pipeline_settings: list[str] = field(
+        default_factory=lambda: ["defaults"],
+        metadata={"help": "Loop settings to compare: 'defaults' or extra arguments, e.g. '--dataloader_num_workers 0'."},
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -583,6 +590,13 @@ def main():
                         print(format_table([result]).splitlines()[-1], flush=True)
     if "collator" in args.sections:
         results.append(bench_collator(args))
+    if "pipeline" in args.sections:
+        from modeling_ijepa.benchmarks.pipeline import format_pipeline_table, pipeline_benchmark
+
+        pipeline = [pipeline_benchmark(args.pipeline_config, args.pipeline_batch_size, args.pipeline_steps,
+                                       [] if setting == "defaults" else setting.split())
+                    for setting in args.pipeline_settings]
+        print(format_pipeline_table(pipeline), flush=True)
     environment = {
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
@@ -591,6 +605,10 @@ def main():
     table = format_table(results)
     print()
     print(table)
+    if "pipeline" in args.sections:
+        print()
+        print(format_pipeline_table(pipeline))
+        results.extend(pipeline)
     Path(args.output).write_text(json.dumps({"arguments": asdict(args), "environment": environment, "results": results}, indent=2))
     print(f"\nwrote {args.output}")
 

@@ -438,7 +438,7 @@ def test_push_to_hub__uploads_model_files_but_not_checkpoints(tmp_path, monkeypa
 
             return Info()
 
-    monkeypatch.setattr(hub.constants, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", False)  # what modeling_ijepa.hub reads
     monkeypatch.setattr(hub, "HfApi", FakeApi)
     args = arguments.PretrainingArguments(output_dir=str(tmp_path), hub_model_id="me/ijepa-test", hub_token="hf_x",
                                          hub_private_repo=True)

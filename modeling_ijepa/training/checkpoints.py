@@ -279,11 +279,15 @@ def seal_checkpoint(tmp: Path, final: Path, trainer_state: dict) -> None:
 
 def save_checkpoint(
     accelerator, model, output_dir: Path, step: int, trainer_state: dict, data_state: DataState,
-    collator_state: dict, image_processor, save_total_limit: int | None,
+    collator_state: dict, image_processor, save_total_limit: int | None, export_model: bool = True,
 ) -> Path:
     """`accelerator.save_state` into `.tmp-checkpoint-<step>`, plus our state files and the manifest, then an atomic
     rename to `checkpoint-<step>`: a crash mid-write leaves only a temporary folder, never a checkpoint that looks
-    complete. A full disk removes the temporary folder and raises `CheckpointSpaceError` (older checkpoints stay)."""
+    complete. A full disk removes the temporary folder and raises `CheckpointSpaceError` (older checkpoints stay).
+
+    `export_model` also writes the model folder (`save_pretrained` + image processor) into `output_dir`: the loop
+    asks for it only at the end of a run (also a stopped or preempted one), so an intermediate checkpoint writes the
+    weights once (in the Accelerate state), not twice."""
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = output_dir / f"{TMP_CHECKPOINT_PREFIX}{step}"
     if accelerator.is_main_process and tmp.exists():
@@ -301,7 +305,8 @@ def save_checkpoint(
         failure = agreed_write_failure(accelerator, None)
     if failure is not None:
         abandon_write(accelerator, tmp, output_dir, final.name, failure, error)
-    save_pretrained_files(accelerator, model, output_dir, image_processor)
+    if export_model:
+        save_pretrained_files(accelerator, model, output_dir, image_processor)
     if accelerator.is_main_process and save_total_limit is not None and save_total_limit > 0:
         for old in list_checkpoints(output_dir)[:-save_total_limit]:
             shutil.rmtree(old)

@@ -123,10 +123,11 @@ class PretrainingRun:
                 "global_batch_size": self.global_batch_size, "epoch": self.data_state.epoch,
                 "schedules": asdict(self.schedules)}
 
-    def save(self, save_total_limit: int | None) -> Path:
+    def save(self, save_total_limit: int | None, export_model: bool = True) -> Path:
+        """A resumable checkpoint; with `export_model` also the loadable model folder in `output_dir`."""
         return save_checkpoint(
             self.accelerator, self.model, self.output_dir, self.global_step, self.trainer_state(), self.data_state,
-            self.collator.state_dict(), self.image_processor, save_total_limit,
+            self.collator.state_dict(), self.image_processor, save_total_limit, export_model=export_model,
         )
 
 
@@ -444,7 +445,7 @@ def train(run: PretrainingRun, args: PretrainingArguments) -> str | None:
                 stop_reason, _ = flush_window(run, window)
                 return stop_reason or run.preemption.stop_reason()  # `pretrain` saves this step's checkpoint
             if checkpoint_step:
-                logger.info("Saved checkpoint %s", run.save(args.save_total_limit))
+                logger.info("Saved checkpoint %s", run.save(args.save_total_limit, export_model=False))
         return None
     finally:
         batches.close()  # stops the DataLoader workers before the interpreter tears pyarrow down

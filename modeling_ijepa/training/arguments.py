@@ -171,11 +171,13 @@ class PretrainingArguments:
             "checkpoint and exit with code 75 (comma-separated, e.g. SIGUSR1 for SLURM's --signal=USR1@120)."
         },
     )
-    preemption_check_steps: int = field(
-        default=1,
+    preemption_check_steps: int | None = field(
+        default=None,
         metadata={
-            "help": "Processes agree on a received signal every N optimizer steps (one all-reduce of one number); "
-            "raise it only if a step is much shorter than the scheduler's grace time."
+            "help": "Processes agree on a received signal every N optimizer steps (one all-reduce of one number, a "
+            "host-device sync); default: every --logging_steps, when the loop syncs anyway. One process checks its "
+            "own flag every step without any sync. Lower it if --logging_steps steps take longer than the "
+            "scheduler's grace time."
         },
     )
     ignore_data_skip: bool = field(

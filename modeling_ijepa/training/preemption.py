@@ -5,7 +5,8 @@ time, Kubernetes and the clouds' spot instances send SIGTERM. The handler only r
 `PreemptionGuard.should_stop` at the step boundary, where all processes take part in one tiny collective (a gather of
 one number per process, every `--preemption_check_steps` steps): a signal that reached one process stops all of them
 after the same step, so they save one consistent checkpoint. Against the step itself (a forward, a backward and the
-gradient all-reduce of the whole model) this gather is negligible, hence the default of checking every step.
+gradient all-reduce of the whole model) this gather is cheap, but it is a host-device sync: by default it runs every
+`--logging_steps`, when the loop syncs anyway. A single process needs no agreement and checks its flag every step.
 
 `PREEMPTED_EXIT_CODE` is 75 (`EX_TEMPFAIL` of sysexits.h, "try again later"): distinct from a crash (1), bad arguments
 (2) and a kill by SIGTERM (143), so a requeue script can tell "checkpoint saved, resume me" from a failure.
@@ -49,7 +50,8 @@ class PreemptionGuard:
     @classmethod
     def from_arguments(cls, args) -> PreemptionGuard:
         names = signal_names(args.save_on_signal)
-        return cls([getattr(signal, name) for name in names], check_steps=args.preemption_check_steps)
+        check_steps = args.preemption_check_steps or args.logging_steps
+        return cls([getattr(signal, name) for name in names], check_steps=check_steps)
 
     def _handle(self, signum, frame) -> None:
         # Only a flag: the step in flight (and its collectives) must finish on every process before anyone saves.
@@ -71,7 +73,15 @@ class PreemptionGuard:
     def should_stop(self, accelerator, step: int, train_steps: int) -> bool:
         """At the boundary after `step` optimizer steps: did any process get a signal? The same answer on every
         process (a gather of one number each, every `check_steps` steps); never at the run's last step."""
-        if step % self.check_steps or step >= train_steps:
+        if step >= train_steps:
+            return False
+        if accelerator.num_processes == 1:  # nobody to agree with: a Python flag every step, no device round trip
+            self.agreed_signal = int(self.received)
+            if self.agreed_signal:
+                self.agreed_step = step
+                logger.warning("%s received: stopping after step %d to save a checkpoint.", self.signal_name, step)
+            return bool(self.agreed_signal)
+        if step % self.check_steps:
             return False
         received = accelerator.gather(torch.tensor([self.received], device=accelerator.device))
         self.agreed_signal = int(received.max().item())

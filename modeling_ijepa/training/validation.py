@@ -109,7 +109,8 @@ def check_bookkeeping(p: _Problems) -> None:
                optional=True)
     p.at_least("shuffle_buffer_size", 1, "must be a positive number of records (1 keeps the file order)")
     p.at_least("dataloader_num_workers", -1, "must be >= -1 (0: the training process decodes, -1: automatic)")
-    p.at_least("preemption_check_steps", 1, "must be a positive number of optimizer steps")
+    p.at_least("preemption_check_steps", 1, "must be a positive number of optimizer steps (or absent: every "
+               "--logging_steps)", optional=True)
     precision = p.value("mixed_precision")
     p.require("mixed_precision", precision is None or precision in MIXED_PRECISION_NAMES,
               f"must be one of {', '.join(MIXED_PRECISION_NAMES)}")

@@ -350,6 +350,29 @@ def accuracy(classifier: nn.Module, features: torch.Tensor, labels: torch.Tensor
     return float((classifier(features).argmax(-1) == labels).float().mean())
 
 
+def count_classes(train_features: torch.Tensor, train_labels: torch.Tensor, test_labels: torch.Tensor | None,
+                  num_classes: int | None) -> int:
+    """`num_classes`, or `max(label) + 1` over train and test; checks that features and labels pair up."""
+    if train_features.size(0) != train_labels.size(0):
+        raise ValueError(f"{train_features.size(0)} training features but {train_labels.size(0)} labels.")
+    if num_classes is not None:
+        return num_classes
+    num_classes = int(train_labels.max()) + 1
+    if test_labels is not None:
+        num_classes = max(num_classes, int(test_labels.max()) + 1)
+    return num_classes
+
+
+def held_out_split(num_train: int, settings: ProbeSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(validation indices, fitting indices)`: a fixed random `validation_fraction` of train (seeded by
+    `settings.seed`), used only to pick the weight decay; every probe of the sweep family uses the same split."""
+    order = torch.randperm(num_train, generator=torch.Generator().manual_seed(settings.seed))
+    num_val = max(1, int(round(settings.validation_fraction * num_train)))
+    if num_val >= num_train:
+        raise ValueError(f"Need at least 2 training examples to hold some out, got {num_train}.")
+    return order[:num_val], order[num_val:]
+
+
 def linear_probe(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -368,20 +391,10 @@ def linear_probe(
     settings = settings or ProbeSettings()
     train_features = train_features.float()
     train_labels = train_labels.long()
-    if train_features.size(0) != train_labels.size(0):
-        raise ValueError(f"{train_features.size(0)} training features but {train_labels.size(0)} labels.")
-    if num_classes is None:
-        num_classes = int(train_labels.max()) + 1
-        if test_labels is not None:
-            num_classes = max(num_classes, int(test_labels.max()) + 1)
+    num_classes = count_classes(train_features, train_labels, test_labels, num_classes)
 
     # Held-out part of train, a fixed random subset, used only to pick the weight decay.
-    generator = torch.Generator().manual_seed(settings.seed)
-    order = torch.randperm(train_features.size(0), generator=generator)
-    num_val = max(1, int(round(settings.validation_fraction * train_features.size(0))))
-    if num_val >= train_features.size(0):
-        raise ValueError(f"Need at least 2 training examples to hold some out, got {train_features.size(0)}.")
-    val_index, fit_index = order[:num_val], order[num_val:]
+    val_index, fit_index = held_out_split(train_features.size(0), settings)
     fit_scaler = Standardizer.fit(train_features[fit_index]) if settings.standardize else None
     scale = fit_scaler if fit_scaler is not None else (lambda x: x)
     fit_x, val_x = scale(train_features[fit_index]), scale(train_features[val_index])

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .evaluation import ProbeResult, ProbeSettings, accuracy, fit_linear_classifier
+from .evaluation import ProbeResult, ProbeSettings, accuracy, count_classes, fit_linear_classifier, held_out_split
 from .monitors import DEFAULT_KNN_K, DEFAULT_KNN_TEMPERATURE, knn_accuracy
 
 # Paper Appendix C: the low-level tasks (Clevr counting / distance) use the last 4 layers, concatenated.
@@ -123,21 +123,11 @@ def batchnorm_linear_probe(
     """
     settings = settings or ProbeSettings()
     train_features, train_labels = train_features.float(), train_labels.long()
-    if train_features.size(0) != train_labels.size(0):
-        raise ValueError(f"{train_features.size(0)} training features but {train_labels.size(0)} labels.")
-    if num_classes is None:
-        num_classes = int(train_labels.max()) + 1
-        if test_labels is not None:
-            num_classes = max(num_classes, int(test_labels.max()) + 1)
+    num_classes = count_classes(train_features, train_labels, test_labels, num_classes)
 
     # The same held-out subset as `linear_probe` (same seed, same permutation), so the two protocols pick their
     # weight decay on the same images; the BatchNorm statistics come from the fitting part only.
-    generator = torch.Generator().manual_seed(settings.seed)
-    order = torch.randperm(train_features.size(0), generator=generator)
-    num_val = max(1, int(round(settings.validation_fraction * train_features.size(0))))
-    if num_val >= train_features.size(0):
-        raise ValueError(f"Need at least 2 training examples to hold some out, got {train_features.size(0)}.")
-    val_index, fit_index = order[:num_val], order[num_val:]
+    val_index, fit_index = held_out_split(train_features.size(0), settings)
     validation_accuracy = {}
     for weight_decay in settings.weight_decays:
         head = fit_batchnorm_linear_head(

@@ -13,20 +13,11 @@ from safetensors.torch import load_file
 from modeling_ijepa.probe_run import ProbeArguments, run_probe
 
 # One command-line run of the benchmark (pretraining + 3 rows x 2 probes) takes tens of seconds of CPU.
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The benchmark subprocess runs with OMP_NUM_THREADS=1; the in-process re-computations must use the same thread
-    # count, or the L-BFGS fit rounds differently and a borderline test image can flip.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,7 @@ from modeling_ijepa import IJepaForPreTraining, IJepaMaskCollator, ijepa_config_
 from modeling_ijepa.modeling_ijepa import TARGET_LAYER_NORM_EPS
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(**overrides) -> IJepaForPreTraining:

@@ -35,14 +35,7 @@ def probe_cli(argv: list[str]) -> dict:
     (args,) = HfArgumentParser(ProbeArguments).parse_args_into_dataclasses(args=argv)
     return run_probe(args)
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matrices: with several threads torch mostly waits on thread synchronisation, badly so on a shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -17,13 +17,7 @@ from modeling_ijepa.monitors import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small matrices on a shared 2-core machine: extra threads mostly wait on each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def numpy_rankme(matrix: np.ndarray, eps: float = RANKME_EPS) -> float:

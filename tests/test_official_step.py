@@ -144,13 +144,7 @@ class Runs:
                 if not torch.allclose(ours[name], theirs[name], rtol=0.0, atol=WEIGHT_ATOL)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors: one intra-op thread is faster, and far faster on a loaded machine (threads spin-wait each other).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ def test_pooled_target_features__average_each_images_target_blocks_and_patches(s
         rows = targets[[block * 6 + image for block in range(blocks)]]  # (T * C, Kt, D) of this image
         torch.testing.assert_close(features[image], rows.mean(dim=(0, 1)))
     value, threshold = monitoring.rankme_of_step(step_outputs)
-    assert value == pytest.approx(rankme(features)) and 1.0 < value <= 6.0
+    assert value == pytest.approx(rankme(features, center=True)) and 1.0 < value <= 6.0
     assert threshold == pytest.approx(monitoring.RANKME_WARNING_FRACTION * 6)
 
 
@@ -79,3 +79,17 @@ def test_knn_monitor__loads_labelled_splits_and_separates_easy_classes(tmp_path)
     assert torch.equal(torch.random.get_rng_state(), state)  # the run's RNG is untouched
     assert first == monitor.random_init_accuracy(config, seed=3, device="cpu")  # seeded
     assert first == 1.0  # brightness survives any random encoder's mean pooling
+
+
+def test_rankme_warning_threshold__separates_a_collapsed_encoder_from_a_random_one():
+    # The measurement behind RANKME_WARNING_FRACTION, on noise images: a random-init encoder is above the threshold,
+    # the same encoder with its patch embedding zeroed (features no longer depend on the image) below it.
+    torch.manual_seed(0)
+    config = ijepa_config_from_preset("tiny-cpu")
+    model = IJepaForPreTraining(config).eval()
+    batch = IJepaMaskCollator(config, seed=0)([{"pixel_values": torch.randn(3, 32, 32)} for _ in range(64)])
+    with torch.no_grad():
+        healthy, threshold = monitoring.rankme_of_step(model(**batch))
+        model.ijepa.embeddings.patch_embeddings.projection.weight.zero_()
+        collapsed, _ = monitoring.rankme_of_step(model(**batch))
+    assert collapsed < threshold < healthy, (collapsed, threshold, healthy)

@@ -31,8 +31,9 @@ setup(
     install_requires=["torch>=2.4", "transformers>=5.17,<6", "safetensors"],
     extras_require={
         "train": TRAIN_REQUIRES,
-        # scipy: two-sample tests of the mask distribution (tests/test_mask_distribution.py); ruff: .ci/run's lint.
-        "dev": ["pytest>=7", "scipy", "ruff"] + TRAIN_REQUIRES,
+        # scipy: two-sample tests of the mask distribution (tests/test_mask_distribution.py); ruff: .ci/run's lint;
+        # scikit-image: the real photographs (`skimage.data`) the `decode` benchmark makes its JPEGs from.
+        "dev": ["pytest>=7", "scipy", "ruff", "scikit-image"] + TRAIN_REQUIRES,
     },
     license="Apache-2.0",
 )

@@ -27,6 +27,7 @@ Examples:
     python scripts/benchmark.py --dtypes fp32 bf16 --reps 5 --threads 1
     python scripts/benchmark.py --configs vit-huge-14 --batch_size 2 --reps 2 --sections step
     python scripts/benchmark.py --attn_implementations eager sdpa --compile off on --configs tiny-cpu
+    python scripts/benchmark.py --sections decode resume     # data path: JPEG decode per core, resume start-up
 """
 
 from __future__ import annotations
@@ -116,6 +117,9 @@ class BenchmarkArguments:
     pipeline_config: str = field(default="tiny-cpu", metadata={"help": "Preset of the `pipeline` section."})
     pipeline_batch_size: int = field(default=64, metadata={"help": "Per-device batch of the `pipeline` section."})
     pipeline_steps: int = field(default=60, metadata={"help": "Steps of the longer `pipeline` loop run."})
+    decode_images: int = field(default=64, metadata={"help": "JPEGs (500x375, from skimage.data) of the `decode` section."})
+    decode_passes: int = field(default=5, metadata={"help": "Timed passes over them per pipeline (median)."})
+    resume_records: int = field(default=2048, metadata={"help": "Fashion-MNIST records (8 shards) of the `resume` section."})
     pipeline_settings: list[str] = field(
         default_factory=lambda: ["defaults"],
         metadata={"help": "Loop settings to compare: 'defaults' or extra arguments, e.g. '--dataloader_num_workers 0'."},
@@ -550,13 +554,7 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main():
-    (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.memory_probe is not None:
-        print(json.dumps(run_memory_probe(json.loads(args.memory_probe))))
-        return
+def parse_device(args) -> torch.device:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     for name in args.dtypes:
@@ -565,6 +563,11 @@ def main():
     for name in args.compile:
         if name not in ("off", "on"):
             raise ValueError(f"--compile takes off and/or on, got {name!r}.")
+    return device
+
+
+def model_sections(args, device) -> list[dict]:
+    """The `step` and `inference` sections over every config, dtype, attention and compile setting."""
     results = []
     for preset in args.configs:
         batch = args.batch_size or DEFAULT_BATCH[device.type].get(preset, DEFAULT_BATCH_OTHER[device.type])
@@ -588,27 +591,58 @@ def main():
                             result = bench_inference(dict(spec, batch_size=args.inference_batch_size or 2 * batch), device, args)
                         results.append(result)
                         print(format_table([result]).splitlines()[-1], flush=True)
-    if "collator" in args.sections:
-        results.append(bench_collator(args))
+    return results
+
+
+def data_sections(args) -> tuple[list[dict], list[str]]:
+    """The `pipeline`, `decode` and `resume` sections: their results and their markdown tables."""
+    results, tables = [], []
     if "pipeline" in args.sections:
         from modeling_ijepa.benchmarks.pipeline import format_pipeline_table, pipeline_benchmark
 
         pipeline = [pipeline_benchmark(args.pipeline_config, args.pipeline_batch_size, args.pipeline_steps,
                                        [] if setting == "defaults" else setting.split())
                     for setting in args.pipeline_settings]
-        print(format_pipeline_table(pipeline), flush=True)
+        results.extend(pipeline)
+        tables.append(format_pipeline_table(pipeline))
+    if "decode" in args.sections:
+        from modeling_ijepa.benchmarks.decode import decode_benchmark, format_decode_table
+
+        results.append(decode_benchmark(args.decode_images, args.decode_passes, args.seed))
+        tables.append(format_decode_table(results[-1]))
+    if "resume" in args.sections:
+        from modeling_ijepa.benchmarks.resume import format_resume_table, resume_benchmark
+
+        results.append(resume_benchmark(num_records=args.resume_records))
+        tables.append(format_resume_table(results[-1]))
+    for table in tables:
+        print(table, flush=True)
+    return results, tables
+
+
+def main():
+    (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_probe is not None:
+        print(json.dumps(run_memory_probe(json.loads(args.memory_probe))))
+        return
+    device = parse_device(args)
+    results = model_sections(args, device)
+    if "collator" in args.sections:
+        results.append(bench_collator(args))
+    data_results, data_tables = data_sections(args)
     environment = {
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
     }
-    table = format_table(results)
     print()
-    print(table)
-    if "pipeline" in args.sections:
+    print(format_table(results))
+    for table in data_tables:
         print()
-        print(format_pipeline_table(pipeline))
-        results.extend(pipeline)
+        print(table)
+    results.extend(data_results)
     Path(args.output).write_text(json.dumps({"arguments": asdict(args), "environment": environment, "results": results}, indent=2))
     print(f"\nwrote {args.output}")
 

@@ -264,13 +264,59 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-def decode_image(value, draft_size: tuple[int, int] | None = None) -> Any:
+JPEG_MAGIC = b"\xff\xd8\xff"  # start-of-image marker + the first segment marker of every JPEG file
+
+
+def jpeg_bytes(value) -> bytes | None:
+    """The file bytes of a record when it is a JPEG (`{"bytes"}`, `{"path"}` or raw bytes), else None."""
+    if isinstance(value, (bytes, bytearray)):
+        data = bytes(value)
+    elif isinstance(value, dict) and value.get("bytes") is not None:
+        data = value["bytes"]
+    elif isinstance(value, dict) and value.get("path") and str(value["path"]).lower().endswith((".jpg", ".jpeg")):
+        data = Path(value["path"]).read_bytes()
+    else:
+        return None
+    return data if data[:3] == JPEG_MAGIC else None
+
+
+def draft_would_shrink(data: bytes, draft_size: tuple[int, int]) -> bool:
+    """Whether PIL's `draft(draft_size)` scales this JPEG down: only when it is at least twice `draft_size` (width,
+    height) on both sides (`JpegImageFile.draft` picks the largest of 1/2, 1/4, 1/8 that stays that large)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:  # reads the header only
+        width, height = image.size
+    return min(width // draft_size[0], height // draft_size[1]) >= 2
+
+
+def decode_jpeg_tensor(data: bytes) -> torch.Tensor | None:
+    """uint8 `(3, H, W)` RGB from JPEG bytes with torchvision's libjpeg-turbo decoder: bitwise the pixels of PIL's
+    decode, in about half the time (PIL unpacks every line to 4-byte RGBX and copies again into numpy). None when it
+    cannot decode the file (truncated, unusual colour spaces): PIL then decodes it or raises a `DECODE_ERRORS`."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        return None
+
+
+def decode_image(value, draft_size: tuple[int, int] | None = None, as_tensor: bool = False) -> Any:
     """PIL image from a `datasets` image record (`{"bytes", "path"}`, a PIL image, or raw bytes).
 
     `draft_size` (width, height): let the JPEG decoder scale by 1/2, 1/4 or 1/8 in the DCT while staying at least
-    that large (PIL's `draft`); faster, and the pixels differ slightly from a full decode followed by the resize."""
+    that large (PIL's `draft`); faster, and the pixels differ slightly from a full decode followed by the resize.
+    `as_tensor`: JPEGs that draft would not shrink come back as uint8 `(3, H, W)` tensors (`decode_jpeg_tensor`,
+    same pixels, faster); everything else is still a PIL image."""
     from PIL import Image
 
+    if as_tensor and not isinstance(value, Image.Image):
+        data = jpeg_bytes(value)
+        if data is not None and (draft_size is None or not draft_would_shrink(data, draft_size)):
+            tensor = decode_jpeg_tensor(data)
+            if tensor is not None:
+                return tensor
     if isinstance(value, Image.Image):
         image = value
     elif isinstance(value, (bytes, bytearray)):
@@ -332,15 +378,25 @@ class RecordAugmenter:
         return (height - h) // 2, (width - w) // 2, h, w
 
     def __call__(self, image, seed: int):
-        """uint8 numpy array `(H, W, 3)` (numpy, so workers return it without shared-memory file descriptors)."""
+        """uint8 numpy array `(H, W, 3)` (numpy, so workers return it without shared-memory file descriptors) from a
+        PIL image or a uint8 `(3, H, W)` tensor (`decode_image(..., as_tensor=True)`). A tensor is resized by torch's
+        uint8 antialiased bilinear kernel, which matches PIL's to within one level (about 0.1% of the values differ,
+        by 1) in half the time; colour distortion and blur then run on PIL, as for PIL inputs."""
         import numpy as np
 
         draws = torch.rand(_DRAWS, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).tolist()
-        top, left, h, w = self.crop_box(image.width, image.height, draws)
-        image = self.functional.resized_crop(image, top, left, h, w, self.size, interpolation=self.bilinear)
+        is_tensor = isinstance(image, torch.Tensor)
+        width, height = (image.shape[-1], image.shape[-2]) if is_tensor else (image.width, image.height)
+        top, left, h, w = self.crop_box(width, height, draws)
+        image = self.functional.resized_crop(image, top, left, h, w, self.size, interpolation=self.bilinear,
+                                             antialias=True)
         rest = draws[4 * _CROP_ATTEMPTS:]
         if self.settings.horizontal_flip and rest[0] < 0.5:
             image = self.functional.horizontal_flip(image)
+        if is_tensor and (self.settings.color_distortion or self.settings.gaussian_blur):
+            image, is_tensor = self.functional.to_pil_image(image), False
+        if is_tensor:
+            return image.permute(1, 2, 0).numpy()  # (H, W, 3) view; the batch's np.stack copies it
         if self.settings.color_distortion:
             image = self.color_distort(image, rest[1:11])
         if self.settings.gaussian_blur and rest[11] < 0.5:
@@ -459,6 +515,8 @@ class ImageBatchDataset(torch.utils.data.IterableDataset):
         self.start, self.fingerprints, self.board = DataState(**asdict(start)), fingerprints, board
         self.draft_size = tuple(settings.crop_size[::-1]) if draft else None
         self.augmenter = RecordAugmenter(settings)
+        # JPEGs decoded and cropped as tensors (same pixels to within one level, faster); False: the PIL path.
+        self.tensor_decode = True
         self.records_read = 0  # records taken from the dataset by this copy (tests check what a resume reads)
 
     def chunks(self) -> Iterator[_Chunk]:
@@ -504,7 +562,7 @@ class ImageBatchDataset(torch.utils.data.IterableDataset):
         for index, value in chunk.records:
             self.announce(worker_id, f"{record_name(value)} (epoch {epoch}, record {index}, batch {chunk.index})")
             try:
-                image = decode_image(value, self.draft_size)
+                image = decode_image(value, self.draft_size, self.tensor_decode)
             except DECODE_ERRORS as err:
                 corrupt.append(f"{record_name(value)} (epoch {epoch}, record {index}, process {self.rank}): "
                                f"{type(err).__name__}: {err}")
@@ -516,7 +574,7 @@ class ImageBatchDataset(torch.utils.data.IterableDataset):
         for slot in range(len(corrupt)):  # refill: another crop of a decodable record of this batch
             index, value = good[slot % len(good)]
             seed = derive_seed(self.seed, self.rank, epoch, index, REFILL_TAG, slot)
-            arrays.append(self.augmenter(decode_image(value, self.draft_size), seed))
+            arrays.append(self.augmenter(decode_image(value, self.draft_size, self.tensor_decode), seed))
         pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, H, W) view of (B, H, W, 3)
         batch = {"pixel_values": pixels}
         if self.collator is not None:

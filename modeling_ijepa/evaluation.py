@@ -217,21 +217,22 @@ def pooled_features(model: nn.Module, pixel_values: torch.Tensor, num_layers: in
 
 
 @torch.no_grad()
-def extract_features(
+def encode_batches(
     model: nn.Module,
     batches: Iterable[dict | tuple | torch.Tensor],
-    num_layers: int = 1,
+    encode,
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run a frozen encoder over batches once and return `(features (N, num_layers * D), labels (N,) or None)`.
+    """Run a frozen encoder over batches once: `(torch.cat of encode(model, pixels) per batch, labels (N,) or None)`.
 
     `batches` yields dicts with `pixel_values` (and optionally `labels`), `(pixel_values, labels)` tuples, or bare
-    pixel tensors. The model is put in eval mode; features come back on the CPU in float32.
+    pixel tensors. The model is put in eval mode; `encode` returns each batch's outputs, moved where they should be
+    kept (the CPU, for probes).
     """
     model.eval()
     if device is None:
         device = next(model.parameters()).device
-    features, labels = [], []
+    outputs, labels = [], []
     for batch in batches:
         if isinstance(batch, dict):
             pixels, batch_labels = batch["pixel_values"], batch.get("labels")
@@ -239,12 +240,25 @@ def extract_features(
             pixels, batch_labels = batch[0], batch[1] if len(batch) > 1 else None
         else:
             pixels, batch_labels = batch, None
-        features.append(pooled_features(model, pixels.to(device), num_layers=num_layers).float().cpu())
+        outputs.append(encode(model, pixels.to(device)))
         if batch_labels is not None:
             labels.append(torch.as_tensor(batch_labels).cpu())
-    if not features:
-        raise ValueError("extract_features received no batches: the dataset split is empty.")
-    return torch.cat(features), (torch.cat(labels).long() if labels else None)
+    if not outputs:
+        raise ValueError("The encoder received no batches: the dataset split is empty.")
+    return torch.cat(outputs), (torch.cat(labels).long() if labels else None)
+
+
+def extract_features(
+    model: nn.Module,
+    batches: Iterable[dict | tuple | torch.Tensor],
+    num_layers: int = 1,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run a frozen encoder over batches once and return `(features (N, num_layers * D), labels (N,) or None)`, the
+    features on the CPU in float32 (`batches` as in `encode_batches`)."""
+    return encode_batches(
+        model, batches, lambda m, pixels: pooled_features(m, pixels, num_layers=num_layers).float().cpu(), device
+    )
 
 
 @dataclass

@@ -25,7 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .evaluation import ProbeResult, ProbeSettings, accuracy, count_classes, fit_linear_classifier, held_out_split
+from .evaluation import (
+    ProbeResult, ProbeSettings, accuracy, count_classes, encode_batches, fit_linear_classifier, held_out_split,
+)
 from .monitors import DEFAULT_KNN_K, DEFAULT_KNN_TEMPERATURE, knn_accuracy
 
 # Paper Appendix C: the low-level tasks (Clevr counting / distance) use the last 4 layers, concatenated.
@@ -361,7 +363,6 @@ def fit_attentive_probe(
     )
 
 
-@torch.no_grad()
 def extract_patch_tokens(
     model: nn.Module,
     batches: Iterable[dict | tuple | torch.Tensor],
@@ -374,23 +375,9 @@ def extract_patch_tokens(
     takes the same forms as `evaluation.extract_features`. `dtype=torch.bfloat16` halves the memory (10k
     Fashion-MNIST images with 64 tokens of 128 dims are 330 MB in float32); the probe casts batches back to float32.
     """
-    model.eval()
-    if device is None:
-        device = next(model.parameters()).device
-    tokens, labels = [], []
-    for batch in batches:
-        if isinstance(batch, dict):
-            pixels, batch_labels = batch["pixel_values"], batch.get("labels")
-        elif isinstance(batch, (tuple, list)):
-            pixels, batch_labels = batch[0], batch[1] if len(batch) > 1 else None
-        else:
-            pixels, batch_labels = batch, None
-        tokens.append(model(pixels.to(device)).last_hidden_state.to(device="cpu", dtype=dtype))
-        if batch_labels is not None:
-            labels.append(torch.as_tensor(batch_labels).cpu())
-    if not tokens:
-        raise ValueError("extract_patch_tokens received no batches: the dataset split is empty.")
-    return torch.cat(tokens), (torch.cat(labels).long() if labels else None)
+    return encode_batches(
+        model, batches, lambda m, pixels: m(pixels).last_hidden_state.to(device="cpu", dtype=dtype), device
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -23,10 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = REPO / "scripts" / "pretrain.py"
@@ -61,16 +59,10 @@ runpy.run_path(script, run_name="__main__")
 
 
 def make_image_folder(root: Path, count: int = 10) -> Path:
-    """Images of several modes and sizes (as tests/test_pretrain.py's `make_mixed_image_folder`, no corrupt file)."""
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    modes = ["L", "RGBA", "CMYK", "P", "RGB", "LA"]
-    for i in range(count):
-        mode = modes[i % len(modes)]
-        ext = "jpg" if mode in ("CMYK", "RGB") else "png"
-        array = (rng.random((36 + i, 44 + 2 * i, 3)) * 255).astype("uint8")
-        Image.fromarray(array).convert(mode).save(root / f"img{i:02d}.{ext}")
-    return root
+    """Images of several modes and sizes, no corrupt file (tests/test_pretrain.py's helper)."""
+    from test_pretrain import make_mixed_image_folder  # tests/ is on sys.path under pytest
+
+    return make_mixed_image_folder(root, count=count, corrupt=False)
 
 
 def run_args(data_dir: Path, output_dir: Path, accumulation: int, *extra: str) -> list[str]:

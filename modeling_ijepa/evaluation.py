@@ -133,7 +133,6 @@ def image_transform_from_processor(image_processor, train: bool, num_channels: i
     (`shortest_edge` 256, `crop_size` 224) and `image_size` for a pretraining directory's default processor.
     """
     try:
-        from PIL import Image
         from torchvision import transforms
     except ImportError as error:
         raise ImportError(
@@ -141,21 +140,8 @@ def image_transform_from_processor(image_processor, train: bool, num_channels: i
         ) from error
     if num_channels not in (1, 3):
         raise ValueError(f"num_channels must be 1 (grayscale) or 3 (RGB), got {num_channels}.")
-    resamplings = {
-        Image.Resampling.NEAREST: transforms.InterpolationMode.NEAREST,
-        Image.Resampling.BILINEAR: transforms.InterpolationMode.BILINEAR,
-        Image.Resampling.BICUBIC: transforms.InterpolationMode.BICUBIC,
-        Image.Resampling.BOX: transforms.InterpolationMode.BOX,
-        Image.Resampling.HAMMING: transforms.InterpolationMode.HAMMING,
-        Image.Resampling.LANCZOS: transforms.InterpolationMode.LANCZOS,
-    }
-    resample = getattr(image_processor, "resample", None)
-    # transformers' processors default to bilinear when they store no resample.
-    interpolation = transforms.InterpolationMode.BILINEAR if resample is None else resamplings.get(int(resample))
-    if interpolation is None:
-        raise ValueError(f"Unknown resample {resample!r}: use a PIL.Image.Resampling value (0-5).")
+    interpolation = processor_interpolation(image_processor)
     output_size = processor_output_size(image_processor)
-
     steps = [ConvertImageMode("L" if num_channels == 1 else "RGB")]
     if train:
         steps += [
@@ -163,17 +149,7 @@ def image_transform_from_processor(image_processor, train: bool, num_channels: i
             transforms.RandomHorizontalFlip(),
         ]
     else:
-        if getattr(image_processor, "do_resize", True):
-            size = image_processor.size
-            shortest = _size_field(size, "shortest_edge")
-            if shortest is not None:
-                steps.append(transforms.Resize(shortest, interpolation=interpolation))
-            else:
-                steps.append(
-                    transforms.Resize((_size_field(size, "height"), _size_field(size, "width")), interpolation=interpolation)
-                )
-        if getattr(image_processor, "do_center_crop", False) or _size_field(image_processor.size, "height") is None:
-            steps.append(transforms.CenterCrop(output_size))
+        steps += eval_geometry_steps(image_processor, output_size, interpolation)
     rescale = image_processor.rescale_factor if getattr(image_processor, "do_rescale", True) else 1.0
     steps += [transforms.PILToTensor(), RescaleToFloat(rescale)]
     if getattr(image_processor, "do_normalize", True):
@@ -185,6 +161,43 @@ def image_transform_from_processor(image_processor, train: bool, num_channels: i
             )
         steps.append(transforms.Normalize(mean=mean, std=std))
     return transforms.Compose(steps)
+
+
+def processor_interpolation(image_processor):
+    """The torchvision `InterpolationMode` of the processor's PIL `resample` (bilinear when it stores none, as
+    transformers' processors default)."""
+    from PIL import Image
+    from torchvision import transforms
+
+    resamplings = {
+        Image.Resampling.NEAREST: transforms.InterpolationMode.NEAREST,
+        Image.Resampling.BILINEAR: transforms.InterpolationMode.BILINEAR,
+        Image.Resampling.BICUBIC: transforms.InterpolationMode.BICUBIC,
+        Image.Resampling.BOX: transforms.InterpolationMode.BOX,
+        Image.Resampling.HAMMING: transforms.InterpolationMode.HAMMING,
+        Image.Resampling.LANCZOS: transforms.InterpolationMode.LANCZOS,
+    }
+    resample = getattr(image_processor, "resample", None)
+    interpolation = transforms.InterpolationMode.BILINEAR if resample is None else resamplings.get(int(resample))
+    if interpolation is None:
+        raise ValueError(f"Unknown resample {resample!r}: use a PIL.Image.Resampling value (0-5).")
+    return interpolation
+
+
+def eval_geometry_steps(image_processor, output_size: tuple[int, int], interpolation) -> list:
+    """Evaluation resize and crop: `Resize` (`shortest_edge` keeps the aspect ratio, `height/width` does not), then
+    `CenterCrop(output_size)` when `do_center_crop` or the size is a `shortest_edge` (so that images batch)."""
+    from torchvision import transforms
+
+    steps = []
+    size = image_processor.size
+    if getattr(image_processor, "do_resize", True):
+        shortest = _size_field(size, "shortest_edge")
+        target = shortest if shortest is not None else (_size_field(size, "height"), _size_field(size, "width"))
+        steps.append(transforms.Resize(target, interpolation=interpolation))
+    if getattr(image_processor, "do_center_crop", False) or _size_field(size, "height") is None:
+        steps.append(transforms.CenterCrop(output_size))
+    return steps
 
 
 @torch.no_grad()

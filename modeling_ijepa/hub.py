@@ -103,25 +103,9 @@ def push_folder_to_hub(
         do); `FileNotFoundError`/`ValueError` for a missing or empty folder.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a directory; write the model there first (save_pretrained).")
-    paths = files_to_upload(folder, exclude)
-    if not paths:
-        raise ValueError(f"{folder} holds no files to upload.")
-    if "README.md" not in paths:
-        logger.warning("%s has no README.md: the repo will have no model card (see modeling_ijepa.cards).", folder)
+    paths = checked_upload_files(folder, exclude)
     hint = _retry_hint(folder, repo_id, revision, private)
-    if constants.HF_HUB_OFFLINE:  # (huggingface_hub 1.0 has no is_offline_mode())
-        raise HubUploadError(
-            f"Cannot upload to {repo_id}: Hugging Face offline mode is on (HF_HUB_OFFLINE=1). Unset it on a machine "
-            f"with network access. {hint}"
-        )
-    token = token or get_token()
-    if not token:
-        raise HubUploadError(
-            f"Cannot upload to {repo_id}: no Hugging Face token. Log in with `hf auth login` or set HF_TOKEN to a "
-            f"token with write access (https://huggingface.co/settings/tokens). {hint}"
-        )
+    token = checked_token(repo_id, token, hint)
     api = HfApi(endpoint=endpoint, token=token)
     message = commit_message or f"Upload {folder.resolve().name} ({len(paths)} files)"
     operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(folder / path)) for path in paths]
@@ -138,14 +122,7 @@ def push_folder_to_hub(
             repo_type="model",
         )
     except HfHubHTTPError as error:  # the server answered (checked first: it is an OSError too)
-        status = error.response.status_code if error.response is not None else "?"
-        advice = {
-            401: "the token was rejected: log in again (`hf auth login`) or set a valid HF_TOKEN",
-            403: f"the token may not write to {repo_id}: use a write token or a namespace you own",
-        }.get(status, "read the server's message")
-        raise HubUploadError(
-            f"The Hub refused the upload to {repo_id} (HTTP {status}): {advice}.\nServer said: {error}\n{hint}"
-        ) from error
+        raise refused_upload_error(error, repo_id, hint) from error
     except http_transport_errors() as error:
         raise HubUploadError(
             f"Cannot reach the Hub at {api.endpoint} ({type(error).__name__}: {error}). Check the network or "
@@ -156,3 +133,42 @@ def push_folder_to_hub(
 
 
 __all__ = ["HubUploadError", "files_to_upload", "http_transport_errors", "push_folder_to_hub"]
+
+
+def checked_upload_files(folder: Path, exclude: Sequence[str]) -> list[str]:
+    """The files to upload (see `files_to_upload`); a missing or empty folder is refused, a missing card warned."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a directory; write the model there first (save_pretrained).")
+    paths = files_to_upload(folder, exclude)
+    if not paths:
+        raise ValueError(f"{folder} holds no files to upload.")
+    if "README.md" not in paths:
+        logger.warning("%s has no README.md: the repo will have no model card (see modeling_ijepa.cards).", folder)
+    return paths
+
+
+def checked_token(repo_id: str, token: str | None, hint: str) -> str:
+    """The token to upload with; offline mode or no token is a `HubUploadError` saying what to do."""
+    if constants.HF_HUB_OFFLINE:  # (huggingface_hub 1.0 has no is_offline_mode())
+        raise HubUploadError(
+            f"Cannot upload to {repo_id}: Hugging Face offline mode is on (HF_HUB_OFFLINE=1). Unset it on a machine "
+            f"with network access. {hint}"
+        )
+    token = token or get_token()
+    if not token:
+        raise HubUploadError(
+            f"Cannot upload to {repo_id}: no Hugging Face token. Log in with `hf auth login` or set HF_TOKEN to a "
+            f"token with write access (https://huggingface.co/settings/tokens). {hint}"
+        )
+    return token
+
+
+def refused_upload_error(error: HfHubHTTPError, repo_id: str, hint: str) -> HubUploadError:
+    status = error.response.status_code if error.response is not None else "?"
+    advice = {
+        401: "the token was rejected: log in again (`hf auth login`) or set a valid HF_TOKEN",
+        403: f"the token may not write to {repo_id}: use a write token or a namespace you own",
+    }.get(status, "read the server's message")
+    return HubUploadError(
+        f"The Hub refused the upload to {repo_id} (HTTP {status}): {advice}.\nServer said: {error}\n{hint}"
+    )

@@ -640,6 +640,29 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         # In fp32 under autocast too (CPU autocast would run layer_norm in bf16): the official targets are fp32.
         return F.layer_norm(features.float(), (features.size(-1),), eps=TARGET_LAYER_NORM_EPS)
 
+    def prepare_masks(self, pixel_values, context_mask, target_mask, interpolate_pos_encoding, generator,
+                      allow_overlap):
+        """`(context_mask, target_mask, patch_grid)` of one forward: the given masks, checked, or sampled on the
+        image's patch grid (`(height, width)` in patches) with `config.num_mask_sets * B` rows."""
+        context_mask, target_mask = as_mask_list(context_mask), as_mask_list(target_mask)
+        if (context_mask is None) != (target_mask is None):
+            raise ValueError("Pass both context_mask and target_mask, or neither (then they are sampled).")
+        batch_size = pixel_values.size(0) * self.config.num_mask_sets
+        patch_grid = self.config.patch_grid
+        if interpolate_pos_encoding:
+            patch_h, patch_w = self.config.patch_size_hw
+            patch_grid = (pixel_values.size(2) // patch_h, pixel_values.size(3) // patch_w)
+        if context_mask is None:
+            context_mask, target_mask = self.sample_masks(batch_size, generator, patch_grid=patch_grid)
+        num_patches = patch_grid[0] * patch_grid[1]
+        check_values = value_checks_enabled(self)
+        validate_masks(context_mask, batch_size, num_patches, "context_mask", check_values=check_values)
+        validate_masks(target_mask, batch_size, num_patches, "target_mask", check_values=check_values)
+        allow_overlap = self.config.allow_overlap if allow_overlap is None else allow_overlap
+        if check_values and not allow_overlap:
+            check_no_overlap(context_mask, target_mask, num_patches)
+        return context_mask, target_mask, patch_grid
+
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -677,24 +700,11 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         if pixel_values.dim() != 4:
             raise ValueError(f"pixel_values must be (batch, channels, height, width), got shape {tuple(pixel_values.shape)}.")
         return_dict = True if return_dict is None else return_dict
-        context_mask, target_mask = as_mask_list(context_mask), as_mask_list(target_mask)
-        if (context_mask is None) != (target_mask is None):
-            raise ValueError("Pass both context_mask and target_mask, or neither (then they are sampled).")
         num_images = pixel_values.size(0)
-        batch_size = num_images * self.config.num_mask_sets  # mask rows: one per (mask set, image), set-major
-        patch_grid = self.config.patch_grid
-        if interpolate_pos_encoding:
-            patch_h, patch_w = self.config.patch_size_hw
-            patch_grid = (pixel_values.size(2) // patch_h, pixel_values.size(3) // patch_w)
-        if context_mask is None:
-            context_mask, target_mask = self.sample_masks(batch_size, generator, patch_grid=patch_grid)
-        num_patches = patch_grid[0] * patch_grid[1]
-        check_values = value_checks_enabled(self)
-        validate_masks(context_mask, batch_size, num_patches, "context_mask", check_values=check_values)
-        validate_masks(target_mask, batch_size, num_patches, "target_mask", check_values=check_values)
-        allow_overlap = self.config.allow_overlap if allow_overlap is None else allow_overlap
-        if check_values and not allow_overlap:
-            check_no_overlap(context_mask, target_mask, num_patches)
+        context_mask, target_mask, patch_grid = self.prepare_masks(
+            pixel_values, context_mask, target_mask, interpolate_pos_encoding, generator, allow_overlap
+        )
+        batch_size = context_mask[0].size(0)  # mask rows: one per (mask set, image), set-major
 
         # Targets first, as the official step does: the target encoder's no-grad working memory is freed before the
         # context encoder and predictor start holding activations for backward (lower peak, same numbers).

@@ -258,8 +258,9 @@ def sample_masks(
     return context_mask, target_mask, stats
 
 
-def _derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, stable across processes and Python versions."""
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across processes, DataLoader workers and Python versions (the masks here
+    and the data order, crops and masks of the training data path all seed their generators with it)."""
     digest = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
@@ -302,7 +303,7 @@ class IJepaMaskCollator:
         worker = torch.utils.data.get_worker_info()
         worker_id = worker.id if worker is not None else -1
         generator = torch.Generator()
-        generator.manual_seed(_derive_seed(self.seed, self.rank, worker_id, batch_index))
+        generator.manual_seed(derive_seed(self.seed, self.rank, worker_id, batch_index))
         return generator
 
     def sample(self, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

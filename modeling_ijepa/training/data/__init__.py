@@ -1,0 +1,30 @@
+"""The pretraining data path, one module per stage:
+
+* `sources`: where records come from (`datasets.load_dataset` with clear errors, samples per epoch, image column);
+* `order`: in what order each process and DataLoader worker reads them;
+* `decode`: how a record becomes pixels (decode, RGB, the official crop and augmentation, seeded per record);
+* `batches`: how workers make uint8 batches with their masks and the data position after each;
+* `loader`: how batches reach the training loop (the `DataLoader`, its saved position, worker errors, normalisation).
+"""
+
+from ...masking_ijepa import derive_seed
+from .batches import BatchIndexedMaskCollator, BatchInfo, DataState, ImageBatchDataset, _Chunk, batch_fingerprint
+from .decode import (
+    DECODE_ERRORS, AugmentationSettings, RecordAugmenter, augment, decode_image, decode_jpeg_tensor,
+    draft_would_shrink, jpeg_bytes, record_name, to_rgb,
+)
+from .loader import DataWorkerError, ImageBatchStream, PixelNormalizer, default_num_workers, normalize
+from .order import ProcessShards, shard_for_process
+from .sources import (
+    FASHION_MNIST_HUB_IDS, KNOWN_TRAIN_SIZES, DatasetAccessError, access_instructions, count_train_samples,
+    detect_image_column, load_train_dataset, local_fashion_mnist,
+)
+
+__all__ = [
+    "AugmentationSettings", "BatchIndexedMaskCollator", "BatchInfo", "DECODE_ERRORS", "DataState", "DataWorkerError",
+    "DatasetAccessError", "FASHION_MNIST_HUB_IDS", "ImageBatchDataset", "ImageBatchStream", "KNOWN_TRAIN_SIZES",
+    "PixelNormalizer", "ProcessShards", "RecordAugmenter", "_Chunk", "access_instructions", "augment",
+    "batch_fingerprint", "count_train_samples", "decode_image", "decode_jpeg_tensor", "default_num_workers",
+    "derive_seed", "detect_image_column", "draft_would_shrink", "jpeg_bytes", "load_train_dataset",
+    "local_fashion_mnist", "normalize", "record_name", "shard_for_process", "to_rgb",
+]

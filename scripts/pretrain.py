@@ -11,8 +11,11 @@
 Arguments come from the command line, from a YAML/JSON file given as the first argument, or both (the command line
 wins); `--help` lists them. The loop itself is `modeling_ijepa.training.pretrain` (docs/architecture.md).
 
-Exit codes: 0 done, 1 failed (a one-line reason), 2 bad arguments (checked before anything is built), 75 preempted
-by SIGTERM or --save_on_signal after saving a checkpoint (resume with --resume_from_checkpoint latest).
+Exit codes: 0 done, 1 failed (a one-line reason: also a dead DataLoader worker or a lost process), 2 bad arguments
+(checked before anything is built), 75 preempted by SIGTERM, Ctrl-C or --save_on_signal after saving a checkpoint
+(resume with --resume_from_checkpoint latest), 130 a second Ctrl-C (no save; the previous checkpoint is intact).
+Every process that stops with 1 or 75 prints `pretrain.py: process R exits with code C (...)` (a launcher killed by
+the same signal does not report its ranks' codes).
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from pathlib import Path
 
 from modeling_ijepa.training import TrainingStopped, parse_arguments, pretrain
 from modeling_ijepa.training.checkpoints import CheckpointCorruptError, CheckpointSpaceError
+from modeling_ijepa.training.data import DataWorkerError
 from modeling_ijepa.training.preemption import Preempted
+from modeling_ijepa.training.workers import LostProcessError, follow_launcher
 from modeling_ijepa.training.validation import ArgumentError, validate_arguments
 
 ARGUMENT_ERROR_EXIT_CODE = 2  # argparse's
@@ -33,8 +38,16 @@ def is_main_launch_process() -> bool:
     return os.environ.get("RANK", "0") == "0"  # set by the launcher; absent in a single-process run
 
 
+def exit_process(code: int, reason: str) -> None:
+    """One line per process with its exit code (under a launcher each rank's own code is otherwise not shown)."""
+    print(f"{Path(sys.argv[0]).name}: process {os.environ.get('RANK', '0')} exits with code {code} ({reason})",
+          file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, run_args = parse_arguments(argv)
+    follow_launcher()  # a rank started by a launcher gets SIGTERM (the graceful path) if the launcher dies
     try:
         validate_arguments(model_args, data_args, run_args)  # before the Accelerator, the data and the model
         results = pretrain(model_args, data_args, run_args)
@@ -46,9 +59,12 @@ def main(argv: list[str] | None = None) -> dict:
     except Preempted as preempted:
         if is_main_launch_process():
             print(str(preempted), file=sys.stderr)
-        raise SystemExit(preempted.exit_code) from None
+        exit_process(preempted.exit_code, "preempted, checkpoint saved")
     except (TrainingStopped, CheckpointCorruptError, CheckpointSpaceError) as stopped:
         raise SystemExit(str(stopped)) from None
+    except (DataWorkerError, LostProcessError) as failed:
+        print(f"{type(failed).__name__}: {failed}", file=sys.stderr)
+        exit_process(1, type(failed).__name__)
     if results["is_main_process"]:
         print(closing_message(results))
     return results

@@ -8,6 +8,15 @@ after the same step, so they save one consistent checkpoint. Against the step it
 gradient all-reduce of the whole model) this gather is cheap, but it is a host-device sync: by default it runs every
 `--logging_steps`, when the loop syncs anyway. A single process needs no agreement and checks its flag every step.
 
+Ctrl-C (SIGINT) takes the same path, like the tools people know: the first one stops after the current step with a
+checkpoint (one line says so), a second one exits at once (`ABANDONED_EXIT_CODE`, 130 = 128 + SIGINT) without saving:
+checkpoints are written to a temporary folder and renamed when complete, so the previous one stays intact. Under a
+launcher one Ctrl-C may reach a rank twice (from the terminal or scheduler, and forwarded by the launcher to each
+rank's process group), and a launcher hit by a second Ctrl-C forwards SIGTERM: a stop signal counts as the second
+Ctrl-C when a SIGINT is involved and it comes more than `SAME_EVENT_SECONDS` after the first.
+
+DataLoader workers ignore all these signals (`workers.WorkerSignals`): only the training process decides.
+
 `PREEMPTED_EXIT_CODE` is 75 (`EX_TEMPFAIL` of sysexits.h, "try again later"): distinct from a crash (1), bad arguments
 (2) and a kill by SIGTERM (143), so a requeue script can tell "checkpoint saved, resume me" from a failure.
 """
@@ -15,8 +24,10 @@ gradient all-reduce of the whole model) this gather is cheap, but it is a host-d
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
+import time
 
 import torch
 
@@ -25,6 +36,16 @@ from .validation import signal_names
 logger = logging.getLogger(__name__)
 
 PREEMPTED_EXIT_CODE = 75  # os.EX_TEMPFAIL
+ABANDONED_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for a process ended by Ctrl-C
+# Two stop signals this close together are one event that reached the process twice (directly and through the
+# launcher, which forwards within its 0.1 s monitor interval), not a second Ctrl-C.
+SAME_EVENT_SECONDS = 2.0
+
+
+def stop_signals(args) -> list[int]:
+    """SIGTERM, SIGINT and the --save_on_signal signals: each stops the run after a step with a checkpoint."""
+    names = signal_names(args.save_on_signal)
+    return list(dict.fromkeys([signal.SIGTERM, signal.SIGINT, *(getattr(signal, name) for name in names)]))
 
 
 class Preempted(RuntimeError):
@@ -40,23 +61,32 @@ class PreemptionGuard:
     installed in the main thread, where Python runs signal handlers)."""
 
     def __init__(self, signals: list[int], check_steps: int = 1):
-        self.signals = list(dict.fromkeys([signal.SIGTERM, *signals]))
+        self.signals = list(dict.fromkeys([signal.SIGTERM, signal.SIGINT, *signals]))
         self.check_steps = check_steps
         self.received: int = 0  # the first signal this process got (0: none)
         self.agreed_signal: int = 0  # the signal all processes stopped for (0: not stopped)
         self.agreed_step: int | None = None
+        self._received_at = 0.0
         self._previous: dict[int, object] = {}
 
     @classmethod
     def from_arguments(cls, args) -> PreemptionGuard:
-        names = signal_names(args.save_on_signal)
         check_steps = args.preemption_check_steps or args.logging_steps
-        return cls([getattr(signal, name) for name in names], check_steps=check_steps)
+        return cls(stop_signals(args), check_steps=check_steps)
 
     def _handle(self, signum, frame) -> None:
         # Only a flag: the step in flight (and its collectives) must finish on every process before anyone saves.
         if not self.received:
-            self.received = signum
+            self.received, self._received_at = signum, time.monotonic()
+            if signum == signal.SIGINT:
+                _say("Ctrl-C (SIGINT): stopping after the current step to save a checkpoint (exit code 75); press "
+                     "Ctrl-C again to exit at once without saving (the previous checkpoint stays).")
+            return
+        second_interrupt = signal.SIGINT in (signum, self.received)
+        if second_interrupt and time.monotonic() - self._received_at > SAME_EVENT_SECONDS:
+            _say(f"Second interrupt ({signal.Signals(signum).name}): exiting now without saving; the previous "
+                 f"checkpoint is intact (exit code {ABANDONED_EXIT_CODE}).", every_process=True)
+            os._exit(ABANDONED_EXIT_CODE)  # no unwinding: nothing may wait on peers, workers die with us (pdeathsig)
 
     def __enter__(self) -> PreemptionGuard:
         if threading.current_thread() is threading.main_thread():
@@ -104,3 +134,9 @@ class PreemptionGuard:
             f"Preempted by {self.signal_name} after step {self.agreed_step}: saved {checkpoint}. Resume with the same "
             f"command plus --resume_from_checkpoint latest (exit code {PREEMPTED_EXIT_CODE})."
         )
+
+
+def _say(line: str, every_process: bool = False) -> None:
+    """One line on stderr from a signal handler (a raw write: no logging locks), by default from rank 0 only."""
+    if every_process or os.environ.get("RANK", "0") == "0":
+        os.write(2, (line + "\n").encode())

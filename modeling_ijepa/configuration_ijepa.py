@@ -17,6 +17,8 @@ from transformers import IJepaConfig as TransformersIJepaConfig
 LOSS_TYPES = ("smooth_l1", "mse")
 # "official": the sampler of src/masks/multiblock.py with its quirks; "corrected": the quirks fixed (see masking_ijepa).
 MASK_SAMPLING_MODES = ("official", "corrected")
+# What SIGReg regularises: the context encoder's patch-averaged embeddings, or each of its patch tokens.
+SIGREG_SAMPLES = ("pooled", "tokens")
 
 
 @strict
@@ -61,6 +63,14 @@ class IJepaConfig(TransformersIJepaConfig):
         target_num_layers (`int`, defaults to 1): targets are the average of the target encoder's last
             `target_num_layers` layer outputs, each instance-normalised over the patches, then layer-normed
             (data2vec-style). 1 is the official target: the final (layer-normed) output, layer-normed again.
+        sigreg_weight (`float`, defaults to 0.0): weight of LeJEPA's SIGReg term (Balestriero & LeCun 2025) added to
+            the loss: the context encoder's embeddings are projected on `sigreg_num_slices` random unit directions
+            (drawn anew every step from a seeded generator) and each 1-D projection's empirical characteristic
+            function is compared with the standard Gaussian's (Epps-Pulley, `modeling_ijepa.sigreg_statistic`).
+            0 (default) computes nothing: the official loss, bit for bit.
+        sigreg_num_slices (`int`, defaults to 256): random directions of SIGReg.
+        sigreg_on (`str`, defaults to `"pooled"`): SIGReg on the average over each context's patches (`"pooled"`,
+            `(C * B, D)` samples) or on every context patch token (`"tokens"`, `(C * B * Kc, D)` samples).
     """
 
     model_type = "ijepa"
@@ -94,6 +104,9 @@ class IJepaConfig(TransformersIJepaConfig):
 
     num_mask_sets: int = 1
     target_num_layers: int = 1
+    sigreg_weight: float = 0.0
+    sigreg_num_slices: int = 256
+    sigreg_on: str = "pooled"
 
     def __post_init__(self, **kwargs):
         if self.pred_num_attention_heads is None:
@@ -175,6 +188,12 @@ class IJepaConfig(TransformersIJepaConfig):
             )
         if self.pred_mlp_ratio <= 0:
             raise ValueError(f"pred_mlp_ratio must be positive, got {self.pred_mlp_ratio}.")
+        if self.sigreg_weight < 0 or self.sigreg_num_slices < 1 or self.sigreg_on not in SIGREG_SAMPLES:
+            raise ValueError(
+                f"SIGReg settings sigreg_weight={self.sigreg_weight}, sigreg_num_slices={self.sigreg_num_slices}, "
+                f"sigreg_on={self.sigreg_on!r}: the weight must be >= 0 (0 disables it), the slices >= 1 and "
+                f"sigreg_on one of {SIGREG_SAMPLES}."
+            )
 
     def predictor_layer_config(self) -> TransformersIJepaConfig:
         """A plain encoder config at the predictor's width, used to build the predictor's `IJepaLayer`s."""

@@ -167,6 +167,45 @@ def prediction_loss(predicted: torch.Tensor, targets: torch.Tensor, loss_type: s
     return F.mse_loss(predicted, targets)
 
 
+# SIGReg's quadrature: the Epps-Pulley integral over t in [-SIGREG_T_MAX, SIGREG_T_MAX] (the integrand is even, so
+# twice the trapezoid rule on [0, SIGREG_T_MAX] with SIGREG_NUM_POINTS knots), weighted by the Gaussian window
+# exp(-t^2 / 2), which leaves almost nothing beyond |t| = 3 (LeJEPA's choice of grid).
+SIGREG_T_MAX = 3.0
+SIGREG_NUM_POINTS = 17
+
+
+def sigreg_directions(dim: int, num_slices: int, generator: torch.Generator) -> torch.Tensor:
+    """`(dim, num_slices)` random unit directions (Gaussian columns normalised), drawn on the CPU from `generator`
+    (so every process that seeds it the same draws the same directions)."""
+    directions = torch.randn(dim, num_slices, generator=generator)
+    return directions / directions.norm(dim=0, keepdim=True)
+
+
+def sigreg_statistic(embeddings: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """SIGReg (LeJEPA, Balestriero & LeCun 2025): how far `embeddings` `(N, D)` are from a standard isotropic
+    Gaussian, seen through the 1-D projections on `directions` `(D, S)`. For each projection x_1..x_N, the
+    Epps-Pulley discrepancy between its empirical characteristic function and the Gaussian's:
+
+        integral over t of |(1/N) sum_j exp(i t x_j) - exp(-t^2/2)|^2 exp(-t^2/2) dt
+
+    on a fixed trapezoid grid (`SIGREG_T_MAX`, `SIGREG_NUM_POINTS`), averaged over the S directions. This is the
+    Epps-Pulley test statistic divided by N (so the value, and a weight on it, do not depend on the batch size):
+    about sqrt(2 pi) (1 - 1/sqrt(3)) / N = 1.06 / N for Gaussian samples, of order 0.1-1 for collapsed or anisotropic
+    ones. fp32 scalar, differentiable.
+    """
+    t = torch.linspace(0.0, SIGREG_T_MAX, SIGREG_NUM_POINTS, device=embeddings.device)  # (P,)
+    step = SIGREG_T_MAX / (SIGREG_NUM_POINTS - 1)
+    trapezoid = torch.full_like(t, step)
+    trapezoid[[0, -1]] = step / 2
+    gaussian_cf = torch.exp(-0.5 * t**2)  # (P,)
+    weights = 2.0 * trapezoid * gaussian_cf  # symmetric integral x Gaussian window
+    projections = embeddings.float() @ directions.to(embeddings.device, torch.float32)  # (N, S)
+    angles = projections.unsqueeze(-1) * t  # (N, S, P)
+    real_error = torch.cos(angles).mean(dim=0) - gaussian_cf  # (S, P)
+    imaginary = torch.sin(angles).mean(dim=0)  # (S, P)
+    return ((real_error**2 + imaginary**2) @ weights).mean()
+
+
 def layer_outputs_for_trailing_tokens(layer: IJepaLayer, hidden_states: torch.Tensor, first_output: int, **kwargs):
     """`layer(hidden_states)[:, first_output:]`, computed without the outputs that would be thrown away.
 
@@ -301,6 +340,8 @@ class IJepaForPreTrainingOutput(ModelOutput):
         context_hidden_states (`(C * B, Kc, D)`): context-encoder outputs.
         context_mask / target_mask: the masks used (sampled by the model when none were given).
         hidden_states / attentions: of the context encoder, when requested.
+        sigreg (`()`): with `config.sigreg_weight > 0`, the SIGReg statistic of the context embeddings (unweighted;
+            `loss` already holds `sigreg_weight * sigreg`).
     """
 
     loss: torch.FloatTensor | None = None
@@ -311,6 +352,7 @@ class IJepaForPreTrainingOutput(ModelOutput):
     target_mask: list[torch.LongTensor] | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+    sigreg: torch.FloatTensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -674,6 +716,7 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         return_dict: bool | None = None,
         generator: torch.Generator | None = None,
         allow_overlap: bool | None = None,
+        sigreg_seed: int | None = None,
         **kwargs,
     ) -> IJepaForPreTrainingOutput | tuple:
         r"""
@@ -691,6 +734,9 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
             generator (`torch.Generator`, *optional*): randomness for sampled masks.
             allow_overlap (`bool`, *optional*): overrides `config.allow_overlap` for this call (the mask collator sets
                 it for batches in which the official relax step let a context overlap its targets).
+            sigreg_seed (`int`, *optional*): seed of this step's SIGReg directions (used only with
+                `config.sigreg_weight > 0`; the training loop passes one per step, the same on every process). Without
+                it the seed is drawn from torch's global RNG (so `torch.manual_seed` makes the call reproducible).
 
         Returns:
             `IJepaForPreTrainingOutput` (see its docstring for shapes).
@@ -726,6 +772,10 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
             context_hidden_states, context_mask, target_mask, patch_grid=patch_grid
         )  # (T*C*B, Kt, D)
         loss = prediction_loss(predicted, targets, self.config.loss_type)
+        sigreg = None
+        if self.config.sigreg_weight > 0:
+            sigreg = self.sigreg(context_hidden_states, sigreg_seed)
+            loss = loss + self.config.sigreg_weight * sigreg
 
         output = IJepaForPreTrainingOutput(
             loss=loss,
@@ -736,8 +786,24 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
             target_mask=target_mask,
             hidden_states=context_outputs.hidden_states,
             attentions=context_outputs.attentions,
+            sigreg=sigreg,
         )
         return output if return_dict else output.to_tuple()
+
+    def sigreg(self, context_hidden_states: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        """SIGReg statistic (`sigreg_statistic`) of the context encoder's output `(C * B, Kc, D)`: on its patch
+        average per context (`config.sigreg_on = "pooled"`) or on every token (`"tokens"`), with
+        `config.sigreg_num_slices` directions drawn from a generator seeded with `seed`."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        directions = sigreg_directions(
+            context_hidden_states.size(-1), self.config.sigreg_num_slices, torch.Generator().manual_seed(seed)
+        )
+        if self.config.sigreg_on == "pooled":
+            embeddings = context_hidden_states.mean(dim=1)  # (C*B, D)
+        else:
+            embeddings = context_hidden_states.reshape(-1, context_hidden_states.size(-1))  # (C*B*Kc, D)
+        return sigreg_statistic(embeddings, directions)
 
 
 class IJepaForImageClassification(IJepaPreTrainedModel):
@@ -792,6 +858,8 @@ __all__ = [
     "ema_momentum",
     "gather_patches",
     "prediction_loss",
+    "sigreg_directions",
+    "sigreg_statistic",
     "repeat_interleave_batch",
     "resample_position_embeddings",
     "sincos_position_embeddings",

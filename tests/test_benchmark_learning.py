@@ -93,3 +93,21 @@ def test_benchmark__table_results_files_and_printout(benchmark_run):
     assert summary["table"] in stdout and "Total wall time" in stdout
     lines = results_file.read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["run_name"] == "tiny"
+
+
+def test_benchmark__recipe_flags_reach_the_pretraining_run(tmp_path):
+    """The short-run schedule and SIGReg flags of a screen become the pretraining run's schedules and config."""
+    from modeling_ijepa.benchmarks.learning import BenchmarkArguments, pretrain_argv
+    from modeling_ijepa.training import arguments
+
+    args = BenchmarkArguments(max_steps=20_000, warmup_steps=50, ema_momentum_start=0.99, ema_momentum_end=0.999,
+                              ema_momentum_ramp_steps=300, config_overrides="sigreg_weight=0.1,sigreg_on=tokens")
+    model_args, _, run_args = arguments.parse_arguments(pretrain_argv(args, str(tmp_path), tmp_path / "run"))
+    schedules = arguments.resolve_schedules(run_args, None, 64)
+    assert (schedules.train_steps, schedules.warmup_steps, schedules.ema_ramp_steps) == (20_000, 50, 300)
+    assert schedules.at(0)["momentum"] == 0.99 and schedules.at(5000)["momentum"] == pytest.approx(0.999)
+    assert arguments.parse_config_overrides(model_args.config_overrides) == {"sigreg_weight": 0.1,
+                                                                            "sigreg_on": "tokens"}
+    default = BenchmarkArguments()
+    _, _, run_args = arguments.parse_arguments(pretrain_argv(default, str(tmp_path), tmp_path / "run"))
+    assert run_args.ema_momentum_ramp_steps is None and run_args.ema_momentum_end == 1.0  # the official ramp

@@ -83,3 +83,61 @@ def test_target_layers__more_than_the_encoder_has_is_refused():
 
     with pytest.raises(StrictDataclassClassValidationError, match="target_num_layers=4 exceeds num_hidden_layers=3"):
         ijepa_config_from_preset("tiny-cpu", num_hidden_layers=3, target_num_layers=4)
+
+
+# ---- short-run schedules (issue 21): each a pure function of the step, off by default
+
+
+def test_ema_ramp__default_is_the_official_ramp_over_the_whole_schedule():
+    from modeling_ijepa.modeling_ijepa import ema_momentum
+    from modeling_ijepa.training.schedules import ema_momentum_at
+
+    for step in (0, 1, 250, 999):
+        assert ema_momentum_at(step, start=0.996, end=1.0, total_steps=1000.0) == ema_momentum(step, 1000.0)
+    assert ema_momentum_at(500, start=0.996, end=1.0, total_steps=1000.0) == pytest.approx(0.998)
+
+
+def test_ema_ramp__reaches_the_end_after_the_ramp_then_holds():
+    from modeling_ijepa.training.schedules import ema_momentum_at
+
+    def at(step):
+        return ema_momentum_at(step, start=0.99, end=0.999, total_steps=2000.0, ramp_steps=200)
+
+    assert at(0) == 0.99
+    assert at(100) == pytest.approx(0.9945)  # halfway up the ramp
+    assert at(200) == pytest.approx(0.999)
+    assert at(201) == at(1999) == at(200)  # held at the end, not extrapolated past it
+    assert ema_momentum_at(0, start=0.99, end=0.999, total_steps=2000.0, ramp_steps=0) == 0.999  # no ramp
+    # Constant momentum (start == end) and "no EMA" (0 -> 0: targets from the context encoder) are plain values.
+    assert ema_momentum_at(700, start=0.996, end=0.996, total_steps=1000.0) == 0.996
+    assert ema_momentum_at(700, start=0.0, end=0.0, total_steps=1000.0) == 0.0
+
+
+def test_ema_ramp__command_line_reaches_the_schedules():
+    from modeling_ijepa.training import arguments
+
+    def schedules(*extra):
+        args = arguments.PretrainingArguments(per_device_train_batch_size=64, max_steps=1000, warmup_steps=20,
+                                              **dict(extra))
+        return arguments.resolve_schedules(args, None, 64)
+
+    official = schedules()
+    assert official.ema_ramp_steps is None and official.warmup_steps == 20
+    assert official.at(500)["momentum"] == pytest.approx(0.998)
+    ramped = schedules(("ema_momentum_ramp_steps", 250))
+    assert [ramped.at(s)["momentum"] for s in (0, 125, 250, 900)] == pytest.approx([0.996, 0.998, 1.0, 1.0])
+    # Warm-up in steps: linear from start_lr to the peak over 20 steps, then cosine.
+    assert ramped.at(9)["lr"] == pytest.approx(ramped.start_lr + 0.5 * (ramped.peak_lr - ramped.start_lr))
+    assert ramped.at(19)["lr"] == pytest.approx(ramped.peak_lr)
+
+
+def test_ema_ramp__a_negative_ramp_is_refused_in_one_line(tmp_path):
+    from modeling_ijepa.training import arguments
+    from modeling_ijepa.training.validation import ArgumentError, validate_arguments
+
+    parsed = arguments.parse_arguments(["--dataset_name", str(tmp_path / "data"), "--output_dir", str(tmp_path / "run"),
+                                        "--max_steps", "10", "--ema_momentum_ramp_steps", "-5"])
+    with pytest.raises(ArgumentError) as caught:
+        validate_arguments(*parsed)
+    assert caught.value.problems == ["--ema_momentum_ramp_steps -5: must be >= 0 optimizer steps (or absent for the "
+                                     "official ramp)"]

@@ -50,7 +50,11 @@ class BenchmarkArguments:
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Pretraining batch size."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak pretraining learning rate."})
     warmup_steps: int = field(default=200, metadata={"help": "Linear warmup steps."})
-    ema_momentum_start: float = field(default=0.996, metadata={"help": "EMA momentum at step 0 (ends at 1.0)."})
+    ema_momentum_start: float = field(default=0.996, metadata={"help": "EMA momentum at step 0."})
+    ema_momentum_end: float = field(default=1.0, metadata={"help": "EMA momentum at the end of its ramp."})
+    ema_momentum_ramp_steps: int | None = field(
+        default=None, metadata={"help": "Reach --ema_momentum_end after this many steps, then hold (default: the run)."}
+    )
     crop_scale: list[float] = field(default_factory=lambda: [0.3, 1.0], metadata={"help": "RandomResizedCrop scale."})
     extra_pretrain_args: str = field(
         default="", metadata={"help": "More pretrain.py arguments, as one shell-quoted string."}
@@ -78,10 +82,12 @@ def pretrain_argv(args: BenchmarkArguments, dataset_dir: str, output_dir: Path) 
         "--per_device_train_batch_size", str(args.per_device_train_batch_size),
         "--max_steps", str(args.max_steps), "--num_train_epochs", "1",
         "--learning_rate", str(args.learning_rate), "--warmup_steps", str(args.warmup_steps),
-        "--ema_momentum_start", str(args.ema_momentum_start), "--ema_momentum_end", "1.0",
+        "--ema_momentum_start", str(args.ema_momentum_start), "--ema_momentum_end", str(args.ema_momentum_end),
         "--crop_scale", *(str(v) for v in args.crop_scale),
         "--seed", str(args.seed), "--report_to", "none", "--logging_steps", "50",
     ]
+    if args.ema_momentum_ramp_steps is not None:
+        argv += ["--ema_momentum_ramp_steps", str(args.ema_momentum_ramp_steps)]
     if args.config_overrides:
         argv += ["--config_overrides", args.config_overrides]
     return argv + shlex.split(args.extra_pretrain_args)

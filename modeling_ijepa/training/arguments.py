@@ -124,6 +124,11 @@ class PretrainingArguments:
     final_weight_decay: float = field(default=0.4, metadata={"help": "Final weight decay (official `final_weight_decay`)."})
     ema_momentum_start: float = field(default=0.996, metadata={"help": "EMA momentum at step 0 (official `ema[0]`)."})
     ema_momentum_end: float = field(default=1.0, metadata={"help": "EMA momentum at the schedule end (`ema[1]`)."})
+    ema_momentum_ramp_steps: int | None = field(
+        default=None,
+        metadata={"help": "Short runs: reach --ema_momentum_end after this many steps, then hold it (default: the "
+                  "official ramp over the whole schedule)."},
+    )
     ipe_scale: float = field(
         default=1.0,
         metadata={"help": "Stretch of the schedules beyond the run (official `ipe_scale`; 1.0 in every released config)."},
@@ -297,5 +302,5 @@ def resolve_schedules(
         warmup_steps=args.warmup_steps, ipe_scale=args.ipe_scale,
         learning_rates=resolve_learning_rates(args, global_batch_size)[:3], weight_decay=args.weight_decay,
         final_weight_decay=args.final_weight_decay, ema_momentum_start=args.ema_momentum_start,
-        ema_momentum_end=args.ema_momentum_end,
+        ema_momentum_end=args.ema_momentum_end, ema_momentum_ramp_steps=args.ema_momentum_ramp_steps,
     )

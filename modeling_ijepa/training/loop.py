@@ -428,7 +428,7 @@ def train(run: PretrainingRun, args: PretrainingArguments) -> str | None:
             checkpoint_step = bool(args.checkpointing_steps) and step % args.checkpointing_steps == 0 and (
                 step < schedules.train_steps)
             outcome = train_step(accelerator, run.model, run.optimizer, batches, run.stream, normalizer, values,
-                                 args, parameters, halted, logging_step)
+                                 args, parameters, halted, logging_step, global_step=run.global_step)
             window.add(run, outcome.loss, values, outcome.fingerprint)
             run.global_step += 1
             progress.update(1)

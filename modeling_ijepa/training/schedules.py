@@ -37,6 +37,18 @@ def weight_decay_at(step: int, *, start_wd: float, final_wd: float, total_steps:
     return max(final_wd, value) if final_wd <= start_wd else min(final_wd, value)
 
 
+def ema_momentum_at(step: int, *, start: float, end: float, total_steps: float, ramp_steps: int | None = None) -> float:
+    """EMA momentum for the target update after optimizer step `step` (0-based). Default (`ramp_steps=None`): the
+    official linear ramp from `start` at step 0 to `end` at `total_steps` (`ema_momentum`). With `ramp_steps` (a
+    short-run option): linear from `start` to `end` over the first `ramp_steps` steps, then held at `end`
+    (`ramp_steps=0`: `end` from the first step)."""
+    if ramp_steps is None:
+        return ema_momentum(step, total_steps, start=start, end=end)
+    if ramp_steps <= 0:
+        return end
+    return start + min(step, ramp_steps) * (end - start) / ramp_steps
+
+
 @dataclass(frozen=True)
 class Schedules:
     """Lengths of the run and its schedules, all in optimizer steps."""
@@ -53,6 +65,7 @@ class Schedules:
     final_wd: float
     ema_start: float
     ema_end: float
+    ema_ramp_steps: int | None = None  # None: the official ramp over momentum_steps; else over these steps, then held
 
     def at(self, step: int) -> dict[str, float]:
         """`{"lr", "weight_decay", "momentum"}` for optimizer step `step` (0-based)."""
@@ -64,7 +77,8 @@ class Schedules:
             "weight_decay": weight_decay_at(
                 step, start_wd=self.start_wd, final_wd=self.final_wd, total_steps=self.schedule_steps
             ),
-            "momentum": ema_momentum(step, self.momentum_steps, start=self.ema_start, end=self.ema_end),
+            "momentum": ema_momentum_at(step, start=self.ema_start, end=self.ema_end, total_steps=self.momentum_steps,
+                                        ramp_steps=self.ema_ramp_steps),
         }
 
 
@@ -124,7 +138,7 @@ def run_length(
 def plan_schedules(
     *, train_steps: int, steps_per_epoch: float, warmup_epochs: float, warmup_steps: int | None, ipe_scale: float,
     learning_rates: tuple[float, float, float], weight_decay: float, final_weight_decay: float,
-    ema_momentum_start: float, ema_momentum_end: float,
+    ema_momentum_start: float, ema_momentum_end: float, ema_momentum_ramp_steps: int | None = None,
 ) -> Schedules:
     """The run's `Schedules`; learning rate and weight decay end at `ipe_scale * train_steps` (official `T_max`)."""
     peak_lr, start_lr, final_lr = learning_rates
@@ -141,6 +155,7 @@ def plan_schedules(
         final_wd=final_weight_decay,
         ema_start=ema_momentum_start,
         ema_end=ema_momentum_end,
+        ema_ramp_steps=ema_momentum_ramp_steps,
     )
 
 

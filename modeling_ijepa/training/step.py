@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..masking_ijepa import derive_seed
 from .data import DataState, PixelNormalizer, batch_fingerprint
 
 __all__ = ["StepOutcome", "batch_fingerprint", "step_metrics", "train_step"]
@@ -35,10 +36,17 @@ class StepOutcome:
     fingerprint: str | None = None
 
 
-def forward_micro_batch(model, batch: dict, normalizer: PixelNormalizer):
-    """The model on one batch from the DataLoader (uint8 pixels and masks moved without blocking)."""
+# Salt of the SIGReg direction seeds (`derive_seed(seed, SIGREG_SEED_SALT, step, micro_batch)`), apart from the masks'.
+SIGREG_SEED_SALT = -2
+
+
+def forward_micro_batch(model, batch: dict, normalizer: PixelNormalizer, sigreg_seed: int | None = None):
+    """The model on one batch from the DataLoader (uint8 pixels and masks moved without blocking); `sigreg_seed`
+    (the same on every process) seeds the SIGReg directions when the model's config enables SIGReg."""
     device = normalizer.device
     extra = {"allow_overlap": True} if batch.get("allow_overlap") else {}
+    if sigreg_seed is not None:
+        extra["sigreg_seed"] = sigreg_seed
     return model(
         pixel_values=normalizer(batch["pixel_values"]),
         context_mask=[m.to(device, non_blocking=True) for m in batch["context_mask"]],
@@ -58,7 +66,7 @@ def skip_if_halted(optimizer, halted: torch.Tensor) -> None:
 
 
 def train_step(accelerator, model, optimizer, batches, stream, normalizer: PixelNormalizer, values: dict, args,
-               parameters, halted: torch.Tensor, logging_step: bool) -> StepOutcome:
+               parameters, halted: torch.Tensor, logging_step: bool, global_step: int = 0) -> StepOutcome:
     """One optimizer step: `gradient_accumulation_steps` micro-batches, then the EMA update of the target encoder.
 
     The learning rate and weight decay come from `values` (the schedules at this step). Masks come with the batches
@@ -70,11 +78,13 @@ def train_step(accelerator, model, optimizer, batches, stream, normalizer: Pixel
         if group["apply_weight_decay"]:
             group["weight_decay"] = values["weight_decay"]
     outcome, loss_sum, fingerprints = StepOutcome(), None, []
-    for _ in range(args.gradient_accumulation_steps):
+    sigreg = getattr(accelerator.unwrap_model(model).config, "sigreg_weight", 0) > 0
+    for micro_batch in range(args.gradient_accumulation_steps):
         batch = next(batches)
         fingerprints.append(stream.last_fingerprint)
         with accelerator.accumulate(model):
-            outputs = forward_micro_batch(model, batch, normalizer)
+            sigreg_seed = derive_seed(args.seed, SIGREG_SEED_SALT, global_step, micro_batch) if sigreg else None
+            outputs = forward_micro_batch(model, batch, normalizer, sigreg_seed)
             loss = outputs.loss.detach().float()
             loss_sum = loss if loss_sum is None else loss_sum + loss
             accelerator.backward(outputs.loss)

@@ -90,6 +90,8 @@ def check_optimization(p: _Problems) -> None:
     p.at_least("reference_batch_size", 1, "must be a positive global batch size")
     for name in ("ema_momentum_start", "ema_momentum_end"):
         p.in_range(name, 0.0, 1.0, "an EMA momentum: 0 copies the context encoder, 1 freezes the target encoder")
+    p.at_least("ema_momentum_ramp_steps", 0, "must be >= 0 optimizer steps (or absent for the official ramp)",
+               optional=True)
     start, end = p.value("ema_momentum_start"), p.value("ema_momentum_end")
     p.require("ema_momentum_end", not (0 <= start <= 1 and 0 <= end <= 1) or start <= end,
               f"must be >= --ema_momentum_start {start} (the I-JEPA momentum rises towards 1; official 0.996 -> 1.0)")

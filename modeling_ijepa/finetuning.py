@@ -30,6 +30,16 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from .evaluation import default_image_processor, image_transform_from_processor
+from .training.validation import (
+    ArgumentError,
+    Problems,
+    check_adam,
+    check_dataset_folder_or_hub,
+    check_existing_folder,
+    check_hub_or_local,
+    check_ijepa_checkpoint,
+    check_output_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -88,11 +98,67 @@ class DataTrainingArguments:
     image_column_name: str = field(default="image", metadata={"help": "Column holding the images."})
     label_column_name: str = field(default="label", metadata={"help": "Column holding the labels."})
 
-    def __post_init__(self):
-        if self.dataset_name is None and self.train_dir is None and self.validation_dir is None:
-            raise ValueError("Give --dataset_name, or --train_dir (and optionally --validation_dir).")
-        if not 0.0 < self.train_val_split < 1.0:
-            raise ValueError(f"--train_val_split must be in (0, 1), got {self.train_val_split}.")
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad arguments: one line each, before any data is read or any model loaded
+
+
+def check_finetune_sources(p: Problems, data_args: DataTrainingArguments, training_args: TrainingArguments) -> None:
+    """Where the images come from, and whether there is something to do with them."""
+    folders = data_args.train_dir is not None or data_args.validation_dir is not None
+    if data_args.dataset_name is None and not folders:
+        p.lines.append("--dataset_name/--train_dir: neither is given; give --dataset_name (a Hub id or a local "
+                       "dataset folder), or --train_dir image folders (and optionally --validation_dir)")
+    elif data_args.dataset_name is not None and folders:
+        name = "train_dir" if data_args.train_dir is not None else "validation_dir"
+        p.lines.append(f"--{name} {p.value(name)}: conflicts with --dataset_name {data_args.dataset_name} (its own "
+                       "splits would be used and the folders ignored); give one of them")
+    elif training_args.do_train and data_args.dataset_name is None and data_args.train_dir is None:
+        p.lines.append(f"--do_train: needs training images, but only --validation_dir {data_args.validation_dir} is "
+                       "given; add --train_dir, or drop --do_train to only evaluate")
+    if not training_args.do_train and not training_args.do_eval:
+        p.lines.append("--do_train/--do_eval: neither is set, so nothing would run; pass --do_train, --do_eval or "
+                       "both (an --eval_strategy other than 'no' also sets --do_eval)")
+    check_dataset_folder_or_hub(p, "dataset_name")
+    check_existing_folder(p, "train_dir")
+    check_existing_folder(p, "validation_dir")
+    p.require("train_val_split", 0 < data_args.train_val_split < 1, "must be in (0, 1) (the fraction of train held "
+              "out for evaluation when there is no validation split; default 0.15)")
+    p.at_least("max_train_samples", 1, "must be a positive number of images (or absent: all)", optional=True)
+    p.at_least("max_eval_samples", 1, "must be a positive number of images (or absent: all)", optional=True)
+
+
+def check_finetune_optimization(p: Problems, training_args: TrainingArguments) -> None:
+    """The `TrainingArguments` values `TrainingArguments` itself accepts but `Trainer` fails on (or silently
+    misreads) after the data and the model are loaded."""
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+        p.at_least(name, 1, "must be a positive number of images per device")
+    p.at_least("gradient_accumulation_steps", 1, "must be a positive number of batches per optimizer step")
+    p.require("learning_rate", training_args.learning_rate > 0, "must be positive")
+    p.require("max_steps", training_args.max_steps == -1 or training_args.max_steps >= 1,
+              "must be a positive number of optimizer steps, or -1 to train for --num_train_epochs")
+    if training_args.max_steps == -1:
+        p.require("num_train_epochs", training_args.num_train_epochs > 0, "must be positive (or give --max_steps)")
+    p.at_least("weight_decay", 0, "must be >= 0")
+    p.at_least("max_grad_norm", 0, "must be >= 0 (0 disables clipping)", optional=True)
+    p.at_least("dataloader_num_workers", 0, "must be >= 0 (0: the main process loads the images)")
+    check_adam(p)
+
+
+def validate_finetune_arguments(model_args: ModelArguments, data_args: DataTrainingArguments,
+                                training_args: TrainingArguments) -> None:
+    """Raise `ArgumentError` (one line per bad argument, all at once) if these arguments cannot make a fine-tuning
+    run. Reads at most the checkpoint's config.json: no data, no weights. The image and label column names can only
+    be checked once the dataset is loaded (`load_image_dataset` does it first thing)."""
+    p = Problems(model_args, data_args, training_args)
+    check_finetune_sources(p, data_args, training_args)
+    check_ijepa_checkpoint(p, "model_name_or_path", model_args.cache_dir)
+    check_hub_or_local(p, "image_processor_name", "preprocessor_config.json", model_args.cache_dir)
+    check_finetune_optimization(p, training_args)
+    check_output_path(p, "output_dir", folder=True)
+    check_existing_folder(p, "resume_from_checkpoint")
+    if p.lines:
+        raise ArgumentError(p.lines)
 
 
 def load_image_dataset(data_args: DataTrainingArguments, model_args: ModelArguments) -> datasets.DatasetDict:
@@ -289,6 +355,7 @@ def train_and_evaluate(trainer: Trainer, training_args: TrainingArguments) -> di
 
 def finetune(model_args: ModelArguments, data_args: DataTrainingArguments, training_args: TrainingArguments) -> dict:
     """Fine-tune (or, with --freeze_encoder, train a linear head on) an I-JEPA encoder; returns the eval metrics."""
+    validate_finetune_arguments(model_args, data_args, training_args)  # before any data or model
     # The image column is consumed by our transform; Trainer must not drop it before.
     training_args.remove_unused_columns = False
     set_seed(training_args.seed)

@@ -37,10 +37,19 @@ from .probes import (
     fit_attentive_probe,
     knn_probe,
 )
+from .training.validation import (
+    ArgumentError,
+    Problems,
+    check_dataset_folder_or_hub,
+    check_hub_or_local,
+    check_ijepa_checkpoint,
+    check_output_path,
+)
 
 logger = logging.getLogger(__name__)
 
 PROBES = ("linear", "batchnorm", "attentive", "knn")
+FIT_METHODS = ("lbfgs", "sgd")  # `evaluation.ProbeSettings.method`: full-batch L-BFGS or minibatch SGD
 
 
 @dataclass
@@ -88,13 +97,77 @@ class ProbeArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the held-out split and SGD order."})
     output_file: str | None = field(default=None, metadata={"help": "Where to write the JSON result."})
 
-    def __post_init__(self):
-        if (self.model_name_or_path is None) == (not self.raw_pixels):
-            raise ValueError("Give either --model_name_or_path or --raw_pixels (exactly one).")
-        if self.probe not in PROBES:
-            raise ValueError(f"--probe {self.probe!r}: choose one of {', '.join(PROBES)}.")
-        if self.raw_pixels and self.probe == "attentive":
-            raise ValueError("--probe attentive needs patch tokens: probe --raw_pixels with --probe linear.")
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad arguments: one line each, before any data is read or any model loaded
+
+
+def check_probe_source(p: Problems, args: ProbeArguments) -> None:
+    """The encoder (a checkpoint whose config.json is read, not its weights) or the raw-pixel baseline."""
+    if (args.model_name_or_path is None) == (not args.raw_pixels):
+        p.lines.append("--model_name_or_path/--raw_pixels: give exactly one (an encoder to probe, or --raw_pixels for "
+                       "the pixel baseline)")
+    config = check_ijepa_checkpoint(p, "model_name_or_path")
+    depth = (config or {}).get("num_hidden_layers")
+    if isinstance(depth, int) and args.num_layers > depth:
+        p.lines.append(f"--num_layers {args.num_layers}: must be at most {depth}, the number of layers of "
+                       f"{args.model_name_or_path}")
+    size_given = args.image_size is not None or args.image_processor_name is not None
+    if args.raw_pixels and args.model_name_or_path is None and not size_given:
+        p.lines.append("--raw_pixels: needs --image_size N (the side images are resized to) or --image_processor_name")
+    if args.image_size is not None and args.model_name_or_path is not None:
+        p.lines.append(f"--image_size {args.image_size}: only applies to --raw_pixels (an encoder is probed at the "
+                       "size of its own image processor); drop it")
+    p.at_least("image_size", 1, "must be a positive number of pixels", optional=True)
+    check_hub_or_local(p, "image_processor_name", "preprocessor_config.json")
+
+
+def check_probe_data(p: Problems, args: ProbeArguments) -> None:
+    """The dataset and its splits (their syntax only: their existence needs the dataset)."""
+    from datasets import ReadInstruction
+
+    check_dataset_folder_or_hub(p, "dataset_name")
+    for name, limit in (("train_split", "max_train_samples"), ("test_split", "max_test_samples")):
+        split = p.value(name)
+        try:
+            ReadInstruction.from_spec(split)
+        except ValueError as error:
+            p.lines.append(f"--{name} {split}: not a split ({error}); e.g. train, train[:80%], train+validation")
+            continue
+        p.require(name, not (args.streaming and "[" in split), f"--streaming reads whole splits (no slices); "
+                  f"drop --streaming, or take the whole split and cap it with --{limit}")
+        p.at_least(limit, 1, "must be a positive number of images (or absent: the whole split)", optional=True)
+    p.at_least("batch_size", 1, "must be a positive number of images per batch")
+
+
+def check_probe_fit(p: Problems, args: ProbeArguments, probes: tuple[str, ...]) -> None:
+    """The probes and their settings."""
+    for probe in probes:
+        if probe not in PROBES:
+            p.lines.append(f"--probe {probe}: must be one of {', '.join(PROBES)}")
+    if args.raw_pixels and "attentive" in probes:
+        p.lines.append("--probe attentive: needs an encoder's patch tokens; probe --raw_pixels with linear, "
+                       "batchnorm or knn")
+    p.at_least("num_layers", 1, "must be a positive number of last layers to pool")
+    p.at_least("attentive_epochs", 1, "must be a positive number of epochs")
+    p.require("method", args.method in FIT_METHODS, f"must be one of {', '.join(FIT_METHODS)}")
+    p.require("weight_decays", bool(args.weight_decays) and min(args.weight_decays) >= 0,
+              "must be one or more L2 weight decays >= 0 (the sweep picks the best on held-out train)")
+    p.require("validation_fraction", 0 < args.validation_fraction < 1, "must be in (0, 1) (the part of train "
+              "held out to pick the weight decay)")
+
+
+def validate_probe_arguments(args: ProbeArguments, probes: tuple[str, ...] | None = None) -> None:
+    """Raise `ArgumentError` (one line per bad argument, all at once) if `args` cannot make a probe run of `probes`
+    (default: `args.probe`). Reads at most the checkpoint's config.json: no data, no weights. The column names can
+    only be checked once the dataset is open."""
+    p = Problems(args)
+    check_probe_source(p, args)
+    check_probe_data(p, args)
+    check_probe_fit(p, args, probes or (args.probe,))
+    check_output_path(p, "output_file", folder=False)
+    if p.lines:
+        raise ArgumentError(p.lines)
 
 
 def load_processor(path: str | None, fallback_config=None, image_size: int | None = None, num_channels: int = 3):
@@ -212,9 +285,7 @@ def run_probes(args: ProbeArguments, probes: tuple[str, ...]) -> dict[str, dict]
     'batchnorm' reads the paper's last `PAPER_LOW_LEVEL_NUM_LAYERS` layers, the others `args.num_layers`."""
     from datasets import ClassLabel
 
-    unknown = [probe for probe in probes if probe not in PROBES]
-    if unknown or (args.raw_pixels and "attentive" in probes):
-        raise ValueError(f"probes {probes}: choose from {PROBES} (raw pixels: not 'attentive').")
+    validate_probe_arguments(args, probes)  # before any data or model
     start = time.perf_counter()
     encoder, processor, num_channels, num_layers = load_encoder(args)
     extracted_layers = num_layers

@@ -22,6 +22,9 @@ Examples:
 
 Metrics are the project's local `evaluate` modules (`modeling_ijepa/metrics/`), loaded by path, so evaluation runs
 offline. The work is `modeling_ijepa.finetuning.finetune`.
+
+Exit codes: 0 done, 2 bad arguments (one `finetune.py: error: ...` line each, checked by
+`finetuning.validate_finetune_arguments` before any data is read or any model loaded).
 """
 
 from __future__ import annotations
@@ -32,21 +35,20 @@ import sys
 
 import datasets
 import transformers
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import TrainingArguments
 
-from modeling_ijepa.finetuning import DataTrainingArguments, ModelArguments, finetune
+from modeling_ijepa.finetuning import DataTrainingArguments, ModelArguments, finetune, validate_finetune_arguments
+from modeling_ijepa.training.validation import ArgumentError, exit_for_bad_arguments, parse_command_line
 
 logger = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    """The three argument dataclasses, checked: bad arguments raise `ArgumentError` before any data or model."""
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(yaml_file=os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+    arguments = parse_command_line((ModelArguments, DataTrainingArguments, TrainingArguments), argv)
+    validate_finetune_arguments(*arguments)
+    return arguments
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
@@ -63,8 +65,8 @@ def setup_logging(training_args: TrainingArguments) -> None:
 def main(argv: list[str] | None = None) -> dict:
     try:
         model_args, data_args, training_args = parse_args(argv)
-    except ValueError as error:  # an argument a dataclass refused: one line, no traceback
-        raise SystemExit(f"{os.path.basename(sys.argv[0])}: error: {error}") from None
+    except ArgumentError as error:  # one line per bad argument, exit 2, no traceback
+        exit_for_bad_arguments(error, os.path.basename(sys.argv[0]))
     setup_logging(training_args)
     logger.info("Training/evaluation parameters %s", training_args)
     return finetune(model_args, data_args, training_args)

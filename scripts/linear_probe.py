@@ -14,7 +14,8 @@ protocols (`--probe linear|batchnorm|attentive|knn`) are documented in `modeling
 
 `--model_name_or_path` is a pretraining directory (its EMA target encoder `ijepa.*` is probed), an encoder or a
 transformers `ijepa` checkpoint. `--streaming` reads the dataset without materialising it. The result is printed and
-written as JSON.
+written as JSON. Exit codes: 0 done, 2 bad arguments (one `linear_probe.py: error: ...` line each, checked by
+`probe_run.validate_probe_arguments` before any data is read or any model loaded).
 """
 
 from __future__ import annotations
@@ -23,19 +24,14 @@ import logging
 import os
 import sys
 
-from transformers import HfArgumentParser
-
-from modeling_ijepa.probe_run import ProbeArguments, run_probe
+from modeling_ijepa.probe_run import ProbeArguments, run_probe, validate_probe_arguments
+from modeling_ijepa.training.validation import ArgumentError, exit_for_bad_arguments, parse_command_line
 
 
 def parse_args(argv: list[str]) -> ProbeArguments:
-    parser = HfArgumentParser(ProbeArguments)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        (args,) = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    elif len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        (args,) = parser.parse_yaml_file(yaml_file=os.path.abspath(argv[0]))
-    else:
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    """The probe arguments, checked: bad arguments raise `ArgumentError` before any data or model."""
+    (args,) = parse_command_line((ProbeArguments,), argv)
+    validate_probe_arguments(args)
     return args
 
 
@@ -43,8 +39,8 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
-    except ValueError as error:  # an argument the dataclass refused: one line, no traceback
-        raise SystemExit(f"{os.path.basename(sys.argv[0])}: error: {error}") from None
+    except ArgumentError as error:  # one line per bad argument, exit 2, no traceback
+        exit_for_bad_arguments(error, os.path.basename(sys.argv[0]))
     output = run_probe(args)
     print(
         f"{args.probe} probe of {output['model']} on {args.dataset_name}: top-1 {100 * output['test_accuracy']:.2f}% "

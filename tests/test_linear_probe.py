@@ -26,6 +26,7 @@ from modeling_ijepa.evaluation import (
 )
 from official_style_checkpoints import OFFICIAL_IMAGE_SIZE, save_official_style_encoder
 from modeling_ijepa.probe_run import ProbeArguments, run_probe
+from modeling_ijepa.training.validation import ArgumentError
 
 
 def probe_cli(argv: list[str]) -> dict:
@@ -157,15 +158,16 @@ def test_linear_probe_script__raw_pixels_baseline(separable_dataset):
 
 
 def test_linear_probe_script__needs_exactly_one_source(separable_dataset):
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(ArgumentError, match="give exactly one"):
         probe_cli(["--dataset_name", str(separable_dataset)])
-    # The command line says it in one line, without a traceback.
+    # The command line says it in one line, without a traceback, and exits 2 (tests/test_eval_arguments.py: the rest).
     result = subprocess.run(
         [sys.executable, os.path.join(REPO_ROOT, "scripts", "linear_probe.py"), "--dataset_name", str(separable_dataset)],
         capture_output=True, text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"),
     )
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "linear_probe.py: error: Give either --model_name_or_path or --raw_pixels (exactly one)." in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == ["linear_probe.py: error: --model_name_or_path/--raw_pixels: give exactly one "
+                                          "(an encoder to probe, or --raw_pixels for the pixel baseline)"]
 
 
 @pytest.mark.parametrize("probe", ["batchnorm", "knn", "attentive"])
@@ -179,8 +181,9 @@ def test_probe_run__every_probe_separates_the_separable_dataset(separable_datase
 
 
 def test_probe_run__attentive_probe_of_raw_pixels_is_refused(separable_dataset):
-    with pytest.raises(ValueError, match="--probe attentive needs patch tokens"):
-        ProbeArguments(dataset_name=str(separable_dataset), raw_pixels=True, probe="attentive")
+    args = ProbeArguments(dataset_name=str(separable_dataset), raw_pixels=True, image_size=8, probe="attentive")
+    with pytest.raises(ArgumentError, match="--probe attentive: needs an encoder's patch tokens"):
+        run_probe(args)
 
 
 # --------------------------------------------------------------------------------------------------------------------

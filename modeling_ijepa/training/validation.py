@@ -5,13 +5,20 @@
 Every problem is one line naming the argument, the value given and what is allowed; all problems are reported at
 once (`ArgumentError.problems`). Checks that need the launched world size (`validate_world_size`) run in
 `loop.pretrain` right after the launch check, still before data or model.
+
+The last section holds what the fine-tuning and probe commands share (`finetuning.validate_finetune_arguments`,
+`probe_run.validate_probe_arguments`): the one-line command-line parser, the exit-2 report, and checks of paths and
+I-JEPA checkpoints that read at most a config.json.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 from .arguments import DataTrainingArguments, ModelArguments, PretrainingArguments
 
@@ -190,3 +197,151 @@ def validate_world_size(run_args: PretrainingArguments, data_args: DataTrainingA
             )
     if problems:
         raise ArgumentError(problems)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shared by the fine-tuning and probe commands: parsing, the exit-2 report, paths and checkpoints
+
+
+ARGUMENT_ERROR_EXIT_CODE = 2  # argparse's
+CONFIG_FILE = "config.json"  # transformers' CONFIG_NAME
+IJEPA_MODEL_TYPE = "ijepa"  # `IJepaConfig.model_type`, the same in transformers and here
+Problems = _Problems  # the line collector, for the other commands' checks
+
+
+def parse_command_line(dataclass_types: tuple, argv: list[str]) -> tuple:
+    """The dataclasses from `argv`, or from one .json/.yaml file. argparse's errors (a bad type, an unknown choice,
+    a missing argument) exit 2 with one line instead of the usage; a value a dataclass refuses in its own
+    `__post_init__` (TrainingArguments') or an unknown key raises `ArgumentError` with that message on one line."""
+    from transformers import HfArgumentParser
+
+    class OneLineErrorParser(HfArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            self.exit(ARGUMENT_ERROR_EXIT_CODE, f"{self.prog}: error: {message} (--help lists the arguments)\n")
+
+    parser = OneLineErrorParser(dataclass_types)
+    try:
+        if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+            if not Path(argv[0]).is_file():
+                raise ArgumentError([f"{argv[0]}: no such arguments file"])
+            read = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
+            return read(os.path.abspath(argv[0]))
+        return parser.parse_args_into_dataclasses(args=argv)
+    except ArgumentError:
+        raise
+    except ValueError as error:
+        raise ArgumentError([" ".join(str(error).split())]) from None
+
+
+def exit_for_bad_arguments(error: ArgumentError, prog: str) -> NoReturn:
+    """`<prog>: error: <problem>` on stderr, one line per problem (by the first launched process only), exit 2."""
+    if os.environ.get("RANK", "0") == "0":  # set by the launcher; absent in a single-process run
+        print("\n".join(f"{prog}: error: {line}" for line in error.problems), file=sys.stderr)
+    raise SystemExit(ARGUMENT_ERROR_EXIT_CODE)
+
+
+def check_adam(p: _Problems) -> None:
+    p.require("adam_beta1", 0 <= p.value("adam_beta1") < 1, "must be in [0, 1)")
+    p.require("adam_beta2", 0 <= p.value("adam_beta2") < 1, "must be in [0, 1)")
+    p.require("adam_epsilon", p.value("adam_epsilon") > 0, "must be positive")
+
+
+def hub_or_local_problem(value: str, cache_file: str | None = None, cache_dir: str | None = None) -> str | None:
+    """Why `value` is neither an existing local path nor a Hub id, or None. With HF_HUB_OFFLINE set, a Hub id must
+    be in the local cache (`cache_file`: a file its repository holds); online it is checked when downloaded."""
+    from huggingface_hub import is_offline_mode, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if Path(value).exists():
+        return None
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return "no such file or folder (and not a Hub id, which is 'name' or 'owner/name')"
+    if cache_file and is_offline_mode() and not isinstance(try_to_load_from_cache(value, cache_file, cache_dir), str):
+        return "no such folder, and not in the Hub cache (HF_HUB_OFFLINE is set: nothing can be downloaded)"
+    return None
+
+
+def checkpoint_config(value: str, cache_dir: str | None = None) -> tuple[dict | None, str | None]:
+    """(config.json of checkpoint `value`, None), or (None, what is wrong with it); (None, None) for a Hub id that
+    is checked when downloaded. Reads config.json only, never the weights."""
+    from huggingface_hub import try_to_load_from_cache
+
+    problem = hub_or_local_problem(value, CONFIG_FILE, cache_dir)
+    if problem is not None:
+        return None, problem
+    path = Path(value)
+    if path.is_file():
+        return None, f"is a file; give the checkpoint's folder (the one holding {CONFIG_FILE})"
+    if path.is_dir():
+        config_file = path / CONFIG_FILE
+        if not config_file.is_file():
+            return None, (f"has no {CONFIG_FILE}: not a model folder (give a pretraining --output_dir, written when "
+                          "the run ends: its checkpoint-N folders hold only the training state; or an encoder)")
+    else:
+        cached = try_to_load_from_cache(value, CONFIG_FILE, cache_dir)
+        if not isinstance(cached, str):
+            return None, None  # a Hub id, downloaded later
+        config_file = Path(cached)
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as error:
+        return None, f"its {CONFIG_FILE} cannot be read ({error})"
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != IJEPA_MODEL_TYPE:
+        return None, f"is a {model_type!r} checkpoint, not I-JEPA (its {CONFIG_FILE} must say model_type 'ijepa')"
+    return config, None
+
+
+def check_ijepa_checkpoint(p: _Problems, name: str, cache_dir: str | None = None) -> dict | None:
+    """--name must be an I-JEPA checkpoint (local folder or Hub id); returns its config when it could be read."""
+    value = p.value(name)
+    if value is None:
+        return None
+    config, problem = checkpoint_config(value, cache_dir)
+    if problem is not None:
+        p.lines.append(f"--{name} {value}: {problem}")
+    return config
+
+
+def check_hub_or_local(p: _Problems, name: str, cache_file: str | None = None, cache_dir: str | None = None) -> None:
+    value = p.value(name)
+    problem = None if value is None else hub_or_local_problem(value, cache_file, cache_dir)
+    if problem is not None:
+        p.lines.append(f"--{name} {value}: {problem}")
+
+
+def check_dataset_folder_or_hub(p: _Problems, name: str) -> None:
+    """--name is what `datasets.load_dataset(name)` takes: a local dataset folder or a Hub id (no file, no glob)."""
+    value = p.value(name)
+    if value is not None and Path(value).is_file():
+        p.lines.append(f"--{name} {value}: is a file; give the folder holding it (or a Hub dataset id)")
+    else:
+        check_hub_or_local(p, name)
+
+
+def check_existing_folder(p: _Problems, name: str) -> None:
+    """--name, when given, must be an existing folder (read, not written)."""
+    value = p.value(name)
+    if value is not None and not Path(value).is_dir():
+        problem = "is a file; give a folder" if Path(value).exists() else "no such folder"
+        p.lines.append(f"--{name} {value}: {problem}")
+
+
+def check_output_path(p: _Problems, name: str, folder: bool) -> None:
+    """--name is written to: a folder (created if missing) or a file; refuse a path of the other kind, or one that
+    cannot be created because a file stands where a parent folder must be."""
+    value = p.value(name)
+    if value is None:
+        return
+    path = Path(value)
+    if folder and path.exists() and not path.is_dir():
+        p.lines.append(f"--{name} {value}: is a file; give a folder (it is created if missing)")
+    elif not folder and path.is_dir():
+        p.lines.append(f"--{name} {value}: is a folder; give a file path")
+    else:
+        blocking = next((parent for parent in path.parents if parent.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            p.lines.append(f"--{name} {value}: cannot be created: {blocking} is a file, not a folder")

@@ -30,7 +30,7 @@ class StepOutcome:
 
     loss: torch.Tensor | None = None
     grad_norm: torch.Tensor | None = None
-    outputs: Any = None  # the last micro-batch's `IJepaForPreTrainingOutput`
+    outputs: Any = None  # the last micro-batch's `IJepaForPreTrainingOutput`, at logging steps only
     context_length: int = 0
     target_length: int = 0
     fingerprint: str | None = None
@@ -100,7 +100,9 @@ def train_step(accelerator, model, optimizer, batches, stream, normalizer: Pixel
             optimizer.zero_grad(set_to_none=True)
     # One EMA update per real optimizer step, on every process with the same momentum.
     accelerator.unwrap_model(model).update_target_encoder(values["momentum"])
-    outcome.outputs = outputs
+    # Kept only where the loop reads it (metrics and RankMe at logging steps): otherwise this step's variable-length
+    # activations (~0.3 GB at ViT-H/14 batch 128) would stay allocated through the next step's forward.
+    outcome.outputs = outputs if logging_step else None
     outcome.context_length, outcome.target_length = batch["context_mask"][0].size(1), batch["target_mask"][0].size(1)
     if args.log_batch_fingerprints:
         outcome.fingerprint = hashlib.sha256("".join(fingerprints).encode()).hexdigest()[:16]

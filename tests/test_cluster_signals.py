@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,9 +26,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from modeling_ijepa.training import checkpoints, loop  # noqa: E402
-from modeling_ijepa.training.preemption import PREEMPTED_EXIT_CODE  # noqa: E402
+from modeling_ijepa.training.preemption import (  # noqa: E402
+    ABANDONED_EXIT_CODE, PREEMPTED_EXIT_CODE, SAME_EVENT_SECONDS,
+)
 
-from test_faults import GRACE_SECONDS, same_weights  # noqa: E402
+from test_faults import GRACE_SECONDS, same_weights, start_ranks, wait_all  # noqa: E402
 from test_pretrain import ACCELERATE, REPO, SCRIPTS, e2e_args, free_port, make_mixed_image_folder, read_log  # noqa: E402
 
 STEPS = 12
@@ -277,3 +280,144 @@ def test_stop_signal__every_rank_saves_exits_75_no_process_left_and_the_resume_i
         assert text.count("Ctrl-C (SIGINT): stopping after the current step to save a checkpoint") == 1
         assert "press Ctrl-C again to exit at once without saving" in text
     resume_and_compare(data, output, uninterrupted, tmp_path / "resume.log")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Ctrl-C twice
+
+
+def test_double_ctrl_c__exits_at_once_with_130_and_the_previous_checkpoint_verifies(data, wrapper, tmp_path):
+    """Ctrl-C reaches every process (the launcher forwards it to the ranks, which also get it directly); the second
+    one, during the write of checkpoint-4 (paused there for a minute), ends every process within seconds."""
+    output, markers = tmp_path / "run", tmp_path / "markers"
+    markers.mkdir()
+    job = Job(run_args(data, output, "--checkpointing_steps", "2"), tmp_path / "launch.log", wrapper=wrapper,
+              IJEPA_TEST_PAUSE="write:4", IJEPA_TEST_PAUSE_SECONDS="60", IJEPA_TEST_MARKERS=str(markers))
+    try:
+        wait_until(lambda: any(markers.glob("paused-write-*")), job, "the write of checkpoint-4")
+        processes = job.processes()
+        for pid in processes:
+            signal_if_alive(pid, signal.SIGINT)
+        time.sleep(SAME_EVENT_SECONDS + 1.0)  # a second press, not the same one arriving twice
+        for pid in processes:
+            signal_if_alive(pid, signal.SIGINT)
+        seconds = wait_gone(processes, timeout=15)  # the pause would hold a saving run for a minute
+    finally:
+        if job.launcher.poll() is None:
+            job.kill()
+    text = job.output()
+    assert seconds < 15
+    # One line per rank; the launcher, hit by the second Ctrl-C too, forwards SIGTERM, which may arrive first.
+    abandoned = re.findall(r"Second interrupt \((SIGINT|SIGTERM)\): exiting now without saving; the previous checkpoint "
+                           rf"is intact \(exit code {ABANDONED_EXIT_CODE}\)\.", text)
+    assert len(abandoned) == 2, text[-4000:]
+    assert "exits with code" not in text  # nothing went on to the save's end
+    assert [p.name for p in checkpoints.list_checkpoints(output)] == ["checkpoint-2"]
+    assert checkpoints.checkpoint_problem(output / "checkpoint-2", "full") is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a lost launcher or rank: nothing runs on
+
+
+def test_launcher_sigkill__ranks_follow_it_save_and_exit_75_no_orphan(data, tmp_path):
+    """The ranks get SIGTERM from the kernel when the launcher dies (parent-death signal): the graceful path."""
+    output = tmp_path / "run"
+    job = Job(run_args(data, output, "--max_steps", "400"), tmp_path / "launch.log")
+    try:
+        wait_until(lambda: logged_steps(output) >= 3, job, "step 3")
+        processes = job.processes()
+        job.launcher.send_signal(signal.SIGKILL)
+        wait_gone(processes, timeout=LOST_PROCESS_BOUND_SECONDS)
+    finally:
+        job.kill()
+    text = job.output()
+    assert exit_codes(text) == {0: PREEMPTED_EXIT_CODE, 1: PREEMPTED_EXIT_CODE}, text[-4000:]
+    step = stopped_step(text)
+    assert checkpoints.checkpoint_problem(output / f"checkpoint-{step}", "full") is None
+
+
+def test_rank_sigkill_under_accelerate_launch__every_process_gone_within_the_bound(data, tmp_path):
+    output = tmp_path / "run"
+    job = Job(run_args(data, output, "--max_steps", "400"), tmp_path / "launch.log")
+    try:
+        wait_until(lambda: logged_steps(output) >= 3, job, "step 3")
+        processes = job.processes()
+        os.kill(job.ranks()[1], signal.SIGKILL)
+        wait_gone(processes, timeout=LOST_PROCESS_BOUND_SECONDS)
+    finally:
+        job.kill()
+    assert job.launcher.returncode != 0
+
+
+@pytest.mark.parametrize("victim, how", [
+    pytest.param(1, "SIGKILL", id="rank1-SIGKILL"),
+    pytest.param(0, "SIGKILL", id="rank0-store-host-SIGKILL", marks=pytest.mark.slow),
+    pytest.param(1, "SIGSTOP", id="rank1-hung-SIGSTOP", marks=pytest.mark.slow),
+])
+def test_lost_rank_srun_style__the_other_exits_1_naming_it_within_the_bound(data, tmp_path, victim, how):
+    """One task per rank, no launcher in between (`srun`): nobody but the processes themselves notices a loss. A
+    killed peer closes its connections (the collective fails at once); a hung one makes it wait
+    --distributed_timeout_seconds."""
+    output, logs = tmp_path / "run", tmp_path / "logs"
+    ranks = start_ranks(run_args(data, output, "--max_steps", "400", "--distributed_timeout_seconds", "10"), logs)
+    survivor = 1 - victim
+    try:
+        deadline = time.monotonic() + 240
+        while logged_steps(output) < 3:
+            assert all(r.poll() is None for r in ranks) and time.monotonic() < deadline, "no step 3"
+            time.sleep(0.05)
+        processes = [r.pid for r in ranks] + [pid for r in ranks for pid in descendants(r.pid)]
+        os.kill(ranks[victim].pid, getattr(signal, how))
+        code = ranks[survivor].wait(timeout=LOST_PROCESS_BOUND_SECONDS)
+        if how == "SIGSTOP":
+            os.kill(ranks[victim].pid, signal.SIGKILL)  # what the scheduler does to the rest of a failed step
+        wait_all(ranks, 30)
+        wait_gone(processes, timeout=15)
+    finally:
+        for rank in ranks:
+            if rank.poll() is None:
+                rank.kill()
+    text = (logs / f"rank{survivor}.log").read_text()
+    assert code == 1, text[-4000:]
+    assert f"pretrain.py: process {survivor} exits with code 1 (LostProcessError)" in text
+    if victim == 0:
+        assert "lost process 0 (which hosts the rendezvous store)" in text, text[-4000:]
+    else:
+        assert f"lost process(es) [{victim}] of 2" in text, text[-4000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a DataLoader worker killed on its own
+
+
+def test_worker_sigkill__data_worker_error_names_that_worker_and_its_record(data, tmp_path):
+    output = tmp_path / "run"
+    env = environment()
+    env.pop("ACCELERATE_USE_CPU")
+    with (tmp_path / "run.log").open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(SCRIPTS / "pretrain.py"),
+             *run_args(data, output, "--max_steps", "400", "--dataloader_num_workers", "2")],
+            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while logged_steps(output) < 2:
+            assert process.poll() is None and time.monotonic() < deadline, "no step 2"
+            time.sleep(0.05)
+        workers = children(process.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[1], signal.SIGKILL)  # forked in worker order: ascending pids
+        code = process.wait(timeout=60)
+        wait_gone(workers, timeout=15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = (tmp_path / "run.log").read_text()
+    assert code == 1, text[-4000:]
+    match = re.search(r"DataWorkerError: DataLoader worker 1 of process 0 failed; it was on record (\S+) \(epoch \d+, "
+                      r"record \d+, batch (\d+)\)\. \(DataLoader worker \(pid\(?s?\)? (\d+)\)", text)
+    assert match, text[-4000:]
+    assert Path(match.group(1)).parent == data and int(match.group(2)) % 2 == 1  # worker 1 makes the odd batches
+    assert int(match.group(3)) == workers[1]
+    assert "pretrain.py: process 0 exits with code 1 (DataWorkerError)" in text

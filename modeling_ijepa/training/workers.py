@@ -102,13 +102,19 @@ def is_worker_death(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and ("DataLoader worker" in text or "DataLoader timed out" in text)
 
 
-def dead_worker_ids(error: BaseException, iterator) -> list[int]:
-    """Worker ids (0..W-1) of the pids named in torch's worker-death error, from the live iterator's worker list."""
+def worker_pids(iterator) -> list[int]:
+    """The pids of a DataLoader iterator's workers, in worker-id order (empty without workers)."""
+    return [process.pid for process in getattr(iterator, "_workers", [])]
+
+
+def dead_worker_ids(error: BaseException, pids: list[int]) -> list[int]:
+    """Worker ids (0..W-1) of the pids named in torch's worker-death error; `pids` from `worker_pids` (kept by the
+    stream: the error often reaches the loop after the iterator was closed)."""
     match = _WORKER_DEATH.search(str(error))
-    if match is None or iterator is None:
+    if match is None:
         return []
-    pids = {int(p) for p in re.findall(r"\d+", match.group(1))}
-    return [worker_id for worker_id, process in enumerate(getattr(iterator, "_workers", [])) if process.pid in pids]
+    named = {int(p) for p in re.findall(r"\d+", match.group(1))}
+    return [worker_id for worker_id, pid in enumerate(pids) if pid in named]
 
 
 def launched_by_launcher() -> bool:

@@ -59,6 +59,7 @@ class ImageBatchStream:
         self.last_fingerprint: str | None = None
         self.dataset: ImageBatchDataset | None = None
         self._iterator = self._board = None
+        self._worker_pids: list[int] = []  # kept after the iterator closes: a dead worker is named by its pid
 
     def _loader(self):
         board = multiprocessing.Array("c", _BOARD_SLOT * max(1, self.num_workers), lock=False)
@@ -78,6 +79,7 @@ class ImageBatchStream:
         """Starts the DataLoader (its workers) now, not at the first `next()`."""
         loader, self._board = self._loader()
         self._iterator = iter(loader)
+        self._worker_pids = worker_lifecycle.worker_pids(self._iterator)
         return self._batches(self._iterator, self._board)
 
     def _batches(self, iterator, board) -> Iterator[dict]:
@@ -120,14 +122,14 @@ class ImageBatchStream:
 
     def worker_error(self, err: BaseException, board) -> DataWorkerError:
         # The pid torch names, mapped to its worker; a stall names no pid: the worker that owed the next batch.
-        dead = worker_lifecycle.dead_worker_ids(err, self._iterator) or [self.state.batches % self.num_workers]
+        dead = worker_lifecycle.dead_worker_ids(err, self._worker_pids) or [self.state.batches % self.num_workers]
         records = [bytes(board[w * _BOARD_SLOT:(w + 1) * _BOARD_SLOT]).rstrip(b"\0").decode("utf-8", "replace")
                    for w in dead]
-        named = "; ".join(f"worker {w} was on record {r or '<none yet>'}" for w, r in zip(dead, records))
+        named = "; ".join(f"DataLoader worker {w} of process {self.rank} failed; it was on record {r or '<none yet>'}"
+                          for w, r in zip(dead, records))
         return DataWorkerError(
-            f"DataLoader worker {', '.join(map(str, dead))} of process {self.rank} failed (batch {self.state.batches} "
-            f"is next): {named}. ({err}) If it was killed for memory, lower --dataloader_num_workers or the batch "
-            "size; if the record crashes the decoder, remove it."
+            f"{named}. ({err}) If it was killed for memory, lower --dataloader_num_workers or the batch size; if the "
+            "record crashes the decoder, remove it."
         )
 
     def close(self) -> None:

@@ -172,8 +172,17 @@ class PretrainingArguments:
     save_on_signal: str | None = field(
         default=None,
         metadata={
-            "help": "Signals besides SIGTERM (always handled) that make every process finish its step, save a "
-            "checkpoint and exit with code 75 (comma-separated, e.g. SIGUSR1 for SLURM's --signal=USR1@120)."
+            "help": "Signals besides SIGTERM and SIGINT (always handled) that make every process finish its step, "
+            "save a checkpoint and exit with code 75 (comma-separated, e.g. SIGUSR1 for SLURM's --signal=USR1@120)."
+        },
+    )
+    distributed_timeout_seconds: int = field(
+        default=60,
+        metadata={
+            "help": "Once training starts, a collective (gradient all-reduce, preemption agreement, checkpoint "
+            "barrier) that waits longer than this for a peer fails, and every process exits naming the lost rank. "
+            "Raise it when writing a checkpoint (rank 0 writes while the others wait) or a step takes longer. "
+            "Setup (dataset preparation on rank 0) keeps torch's default (30 min gloo, 10 min NCCL)."
         },
     )
     preemption_check_steps: int | None = field(

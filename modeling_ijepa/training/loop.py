@@ -39,7 +39,8 @@ from .data import (
 from . import monitoring
 from .publish import push_run_to_hub, write_model_card
 from .schedules import Schedules, step_for_global_batch
-from .preemption import Preempted, PreemptionGuard
+from .preemption import Preempted, PreemptionGuard, stop_signals
+from . import workers
 from .step import step_metrics, train_step
 from .validation import validate_arguments, validate_world_size
 
@@ -267,6 +268,7 @@ def build_run(model_args: ModelArguments, data_args: DataTrainingArguments, args
         seed=args.seed, rank=rank, num_workers=resolve_num_workers(args.dataloader_num_workers), state=data_state,
         collator=collator, pin_memory=accelerator.device.type == "cuda",
         log_batch_fingerprints=args.log_batch_fingerprints,
+        worker_init_fn=workers.WorkerSignals(stop_signals(args)),  # workers never act on a stop signal
     )
     return PretrainingRun(
         accelerator=accelerator, model=model, optimizer=optimizer, collator=collator, stream=stream,
@@ -420,7 +422,8 @@ def train(run: PretrainingRun, args: PretrainingArguments) -> str | None:
     normalizer = PixelNormalizer(accelerator.device)  # device constants made once
     halted = torch.zeros((), dtype=torch.bool, device=accelerator.device)  # a non-finite loss was seen (sticky)
     window = LogWindow(DataState(**asdict(run.data_state)))
-    batches = iter(run.stream)
+    with workers.signals_blocked(stop_signals(args)):  # a signal while workers start reaches only this process
+        batches = iter(run.stream)
     try:
         while run.global_step < schedules.train_steps:
             values, step = schedules.at(run.global_step), run.global_step + 1
@@ -511,6 +514,25 @@ def run_results(run: PretrainingRun, checkpoint: Path, start_step: int, runtime:
     return results
 
 
+def train_and_save(run: PretrainingRun, args: PretrainingArguments) -> tuple[str | None, Path]:
+    """`train`, then the end-of-run checkpoint (also after a non-finite loss or a preemption: the weights are those of
+    the last good step), under the preemption guard. Faults are named wherever torch raises them: a dead DataLoader
+    worker (torch's SIGCHLD handler raises at whatever line runs) and a lost rank (a collective fails or times out
+    after --distributed_timeout_seconds)."""
+    run.preemption = PreemptionGuard.from_arguments(args)
+    workers.set_collective_timeout(args.distributed_timeout_seconds)  # setup ran under torch's default timeout
+    try:
+        with run.preemption:  # a repeated SIGTERM does not stop the save; a second Ctrl-C abandons it
+            stop_reason = train(run, args)
+            return stop_reason, run.save(args.save_total_limit)
+    except RuntimeError as err:
+        known = run.stream.data_error(err) or workers.lost_process_error(err, run.accelerator)
+        if known is None:
+            raise
+        logger.error("%s", known)
+        raise known from err
+
+
 def pretrain(model_args: ModelArguments, data_args: DataTrainingArguments, args: PretrainingArguments) -> dict:
     """Run I-JEPA pretraining with these arguments (the `scripts/pretrain.py` command line's dataclasses) and return
     the results (`all_results.json`). Raises `validation.ArgumentError` before anything is built for arguments that
@@ -531,11 +553,7 @@ def pretrain(model_args: ModelArguments, data_args: DataTrainingArguments, args:
         restore(run, resume_path, args.ignore_data_skip)
     start_trackers(run, model_args, data_args, args, model_args.config_name)
     start_step, start_time = run.global_step, time.perf_counter()
-    run.preemption = PreemptionGuard.from_arguments(args)
-    with run.preemption:  # a second signal during the save must not kill it
-        stop_reason = train(run, args)
-        # End of run (also after a non-finite loss or a preemption: the weights are those of the last good step).
-        checkpoint = run.save(args.save_total_limit)
+    stop_reason, checkpoint = train_and_save(run, args)
     results = run_results(run, checkpoint, start_step, time.perf_counter() - start_time)
     results.update(final_knn(run, args.seed))
     results["rankme"] = run.rankme_history

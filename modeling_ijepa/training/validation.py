@@ -118,6 +118,8 @@ def check_bookkeeping(p: _Problems) -> None:
                optional=True)
     p.at_least("shuffle_buffer_size", 1, "must be a positive number of records (1 keeps the file order)")
     p.at_least("dataloader_num_workers", -1, "must be >= -1 (0: the training process decodes, -1: automatic)")
+    p.at_least("distributed_timeout_seconds", 1, "must be a positive number of seconds (how long a collective waits "
+               "for a lost peer)")
     p.at_least("preemption_check_steps", 1, "must be a positive number of optimizer steps (or absent: every "
                "--logging_steps)", optional=True)
     precision = p.value("mixed_precision")
@@ -135,7 +137,7 @@ def check_bookkeeping(p: _Problems) -> None:
 
 
 def signal_names(text: str | None) -> list[str]:
-    """'SIGUSR1,usr2' -> ['SIGUSR1', 'SIGUSR2']: the signals of --save_on_signal (SIGTERM is always handled)."""
+    """'SIGUSR1,usr2' -> ['SIGUSR1', 'SIGUSR2']: the signals of --save_on_signal (SIGTERM, SIGINT always handled)."""
     names = [name.strip().upper() for name in (text or "").split(",") if name.strip()]
     return [name if name.startswith("SIG") else f"SIG{name}" for name in names]
 

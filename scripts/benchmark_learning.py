@@ -18,25 +18,23 @@ import logging
 import os
 import sys
 
-from transformers import HfArgumentParser
-
-from modeling_ijepa.benchmarks.learning import BenchmarkArguments, run_benchmark
+from modeling_ijepa.benchmarks.learning import BenchmarkArguments, run_benchmark, validate_benchmark_arguments
+from modeling_ijepa.training.validation import ArgumentError, exit_for_bad_arguments, parse_command_line
 
 
 def parse_args(argv: list[str]) -> BenchmarkArguments:
-    parser = HfArgumentParser(BenchmarkArguments)
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        (args,) = parser.parse_yaml_file(os.path.abspath(argv[0]))
-    elif len(argv) == 1 and argv[0].endswith(".json"):
-        (args,) = parser.parse_json_file(os.path.abspath(argv[0]))
-    else:
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    """The benchmark arguments, checked: bad arguments raise `ArgumentError` before the export and the pretraining."""
+    (args,) = parse_command_line((BenchmarkArguments,), argv)
+    validate_benchmark_arguments(args)
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except ArgumentError as error:  # one line per bad argument, exit 2, no traceback
+        exit_for_bad_arguments(error, os.path.basename(sys.argv[0]))
     summary = run_benchmark(args)
     print("\n" + summary["table"])
     first = summary["probes"][0]

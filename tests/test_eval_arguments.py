@@ -20,6 +20,7 @@ import pytest
 from transformers import TrainingArguments
 
 from modeling_ijepa import ijepa_config_from_preset
+from modeling_ijepa.benchmarks.learning import BenchmarkArguments, validate_benchmark_arguments
 from modeling_ijepa.finetuning import DataTrainingArguments, ModelArguments, finetune, validate_finetune_arguments
 from modeling_ijepa.probe_run import ProbeArguments, run_probes, validate_probe_arguments
 from modeling_ijepa.training.validation import ArgumentError, parse_command_line
@@ -247,6 +248,47 @@ def test_run_probes__checks_every_probe_before_loading_the_encoder(workspace):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# scripts/benchmark_learning.py: pretraining then probes; both kinds of argument are checked before the pretraining
+
+
+BENCHMARK_BASE = {"--output_dir": "{ws}/out/benchmark", "--probes": ["linear", "knn"]}
+BENCHMARK_BAD = [  # (edits of BENCHMARK_BASE, what the one line must say)
+    ({"--probes": ["linear", "cosine"]}, "--probes cosine: must be one of linear, batchnorm, attentive, knn"),
+    ({"--probe_train_samples": 0}, "--probe_train_samples 0: must be a positive number"),
+    ({"--probe_test_samples": 0}, "--probe_test_samples 0: must be a positive number of images"),
+    ({"--probe_num_layers": 0}, "--probe_num_layers 0: must be a positive number"),
+    ({"--probe_batch_size": -1}, "--probe_batch_size -1: must be a positive number"),
+    ({"--max_dataset_samples": 0}, "--max_dataset_samples 0: must be a positive number of images"),
+    ({"--max_steps": 0}, "--max_steps 0: must be a positive number of optimizer steps"),
+    ({"--learning_rate": -1e-3}, "--learning_rate -0.001: must be positive"),
+    ({"--warmup_steps": -1}, "--warmup_steps -1: must be >= 0 optimizer steps"),
+    ({"--ema_momentum_start": 1.5}, "--ema_momentum_start 1.5: must be in [0, 1]"),
+    ({"--crop_scale": 0.5}, "--crop_scale 0.5: must be two numbers MIN MAX"),
+    ({"--config_overrides": "patch_size=5"}, "is not divisible by patch_size 5"),
+    ({"--extra_pretrain_args": "--logging_steps 0"}, "--logging_steps 0: must be a positive number of optimizer steps"),
+    ({"--extra_pretrain_args": "--no_such_flag 1"}, "--extra_pretrain_args --no_such_flag 1: Some specified arguments "
+     "are not used"),
+    ({"--output_dir": "{ws}/a_file"}, "--output_dir {ws}/a_file: is a file; give a folder"),
+    ({"--results_file": "{ws}/out"}, "--results_file {ws}/out: is a folder; give a file path"),
+    ({"--skip_pretraining": None}, "--skip_pretraining: needs an earlier run in --output_dir {ws}/out/benchmark"),
+]
+
+
+@pytest.mark.parametrize("edits, message", BENCHMARK_BAD, ids=[" ".join(map(str, e.items())) for e, _ in BENCHMARK_BAD])
+def test_validate_benchmark_arguments__names_the_argument_value_and_what_is_allowed(workspace, edits, message):
+    problems = problems_of(validate_benchmark_arguments, (BenchmarkArguments,),
+                           command_line(BENCHMARK_BASE, edits, workspace))
+    assert len(problems) == 1 and "\n" not in problems[0], problems
+    assert message.format(ws=workspace) in problems[0]
+    assert not (workspace / "out" / "benchmark").exists()  # nothing exported, nothing pretrained
+
+
+def test_validate_benchmark_arguments__accepts_the_default_recipe(workspace):
+    assert problems_of(validate_benchmark_arguments, (BenchmarkArguments,),
+                       command_line(BENCHMARK_BASE, {}, workspace)) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # parse errors (a bad type, an unknown flag or choice): one line, not argparse's usage
 
 
@@ -300,6 +342,19 @@ def test_finetune_script__bad_arguments_exit_2_with_one_line_each_and_nothing_re
         f"finetune.py: error: --output_dir {workspace}/a_file: is a file; give a folder (it is created if missing)",
     ]
     assert result.stdout == ""  # the run's logging (to stdout) never started
+
+
+def test_benchmark_learning_script__bad_arguments_exit_2_before_the_export_and_the_pretraining(workspace):
+    bad = {"--probes": ["linear", "cosine"], "--max_steps": 0}
+    result = run_script("benchmark_learning.py", command_line(BENCHMARK_BASE, bad, workspace))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        "benchmark_learning.py: error: --probes cosine: must be one of linear, batchnorm, attentive, knn",
+        "benchmark_learning.py: error: --max_steps 0: must be a positive number of optimizer steps, or -1 to train "
+        "for --num_train_epochs",
+    ]
+    assert not (workspace / "out" / "benchmark").exists()
 
 
 def test_linear_probe_script__bad_arguments_exit_2_with_one_line_each_and_nothing_read(workspace):

@@ -164,10 +164,43 @@ def format_table(rows: list[dict], pretraining: dict) -> str:
     return "\n".join(lines)
 
 
+def validate_benchmark_arguments(args: BenchmarkArguments) -> None:
+    """Raise `ArgumentError` (one line per bad argument) before the export and the pretraining: the pretraining
+    arguments as `scripts/pretrain.py` checks them (`--extra_pretrain_args` included), the probe settings, and what
+    --skip_pretraining needs. `probe_run.run_probes` checks each row again before it loads an encoder."""
+    from ..probe_run import PROBES
+    from ..training import parse_arguments
+    from ..training.validation import ArgumentError, Problems, check_output_path, validate_arguments
+
+    p = Problems(args)
+    p.lines += [f"--probes {probe}: must be one of {', '.join(PROBES)}" for probe in args.probes if probe not in PROBES]
+    for name in ("probe_train_samples", "probe_num_layers", "probe_batch_size"):
+        p.at_least(name, 1, "must be a positive number")
+    for name in ("probe_test_samples", "max_dataset_samples"):
+        p.at_least(name, 1, "must be a positive number of images (or absent: all)", optional=True)
+    check_output_path(p, "output_dir", folder=True)
+    check_output_path(p, "results_file", folder=False)
+    output_dir = Path(args.output_dir)
+    if args.skip_pretraining and not (output_dir / "results.json").is_file():
+        p.lines.append(f"--skip_pretraining: needs an earlier run in --output_dir {output_dir} (its results.json and "
+                       "pretrain/); run once without it")
+    elif not args.skip_pretraining:
+        data_dir = str(Path(args.data_dir) if args.data_dir else output_dir / "data")
+        try:
+            validate_arguments(*parse_arguments(pretrain_argv(args, data_dir, output_dir / "pretrain")))
+        except ArgumentError as error:
+            p.lines += error.problems
+        except ValueError as error:  # an unknown flag or a lone quote in --extra_pretrain_args
+            p.lines.append(f"--extra_pretrain_args {args.extra_pretrain_args}: {' '.join(str(error).split())}")
+    if p.lines:
+        raise ArgumentError(p.lines)
+
+
 def run_benchmark(args: BenchmarkArguments) -> dict:
     """Pretrain (unless --skip_pretraining), probe the three rows, write results.json/results.md, return the summary."""
     from ..training.fashion_mnist import export_fashion_mnist
 
+    validate_benchmark_arguments(args)  # before the export and the pretraining
     start = time.perf_counter()
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

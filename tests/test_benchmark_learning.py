@@ -111,3 +111,23 @@ def test_benchmark__recipe_flags_reach_the_pretraining_run(tmp_path):
     default = BenchmarkArguments()
     _, _, run_args = arguments.parse_arguments(pretrain_argv(default, str(tmp_path), tmp_path / "run"))
     assert run_args.ema_momentum_ramp_steps is None and run_args.ema_momentum_end == 1.0  # the official ramp
+
+
+def test_benchmark__screens_can_skip_the_baseline_rows(tmp_path, monkeypatch):
+    """--probe_baselines false probes only row (a): rows (b) and (c) do not depend on the training recipe."""
+    from modeling_ijepa import probe_run
+    from modeling_ijepa.benchmarks.learning import BenchmarkArguments, probe_rows
+
+    probed = []
+
+    def record(probe_args, probes):
+        probed.append(probe_args.model_name_or_path or "pixels")
+        return {probe: {"probe": probe, "test_accuracy": 0.5} for probe in probes}
+
+    monkeypatch.setattr(probe_run, "run_probes", record)
+    for baselines, expected in ((True, ["pre", "rand", "pixels"]), (False, ["pre"])):
+        probed.clear()
+        args = BenchmarkArguments(probes=["linear", "knn"], probe_baselines=baselines)
+        rows = probe_rows(args, str(tmp_path), tmp_path / "pre", tmp_path / "rand")
+        assert [p if p == "pixels" else p.rsplit("/", 1)[-1] for p in probed] == expected
+        assert len(rows) == 2 * len(expected)

@@ -72,6 +72,12 @@ class BenchmarkArguments:
     probe_test_samples: int | None = field(default=None, metadata={"help": "Test images (default: all 10,000)."})
     probe_num_layers: int = field(default=1, metadata={"help": "Concatenate the pooled outputs of the last N layers."})
     probe_batch_size: int = field(default=256, metadata={"help": "Feature-extraction batch size."})
+    probe_baselines: bool = field(
+        default=True,
+        metadata={"help": "Also probe rows (b) random init and (c) raw pixels. They do not depend on the recipe's "
+                  "training settings (same architecture and seed), so the runs of a screen after the first can "
+                  "skip them (--probe_baselines false)."},
+    )
 
 
 def pretrain_argv(args: BenchmarkArguments, dataset_dir: str, output_dir: Path) -> list[str]:
@@ -132,11 +138,12 @@ def probe_rows(args: BenchmarkArguments, dataset_dir: str, pretrained_dir: Path,
     from ..probe_run import ProbeArguments, run_probes
 
     rows = []
-    for name, source in (
+    sources = [
         (PRETRAINED, {"model_name_or_path": str(pretrained_dir)}),
         (RANDOM_INIT, {"model_name_or_path": str(random_dir)}),
         (PIXELS, {"raw_pixels": True, "image_size": 28}),
-    ):
+    ]
+    for name, source in sources if args.probe_baselines else sources[:1]:
         probes = tuple(p for p in args.probes if not (source.get("raw_pixels") and p == "attentive"))
         probe_args = ProbeArguments(
             dataset_name=dataset_dir, max_train_samples=args.probe_train_samples,

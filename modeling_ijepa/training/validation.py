@@ -102,9 +102,7 @@ def check_optimization(p: _Problems) -> None:
     start, end = p.value("ema_momentum_start"), p.value("ema_momentum_end")
     p.require("ema_momentum_end", not (0 <= start <= 1 and 0 <= end <= 1) or start <= end,
               f"must be >= --ema_momentum_start {start} (the I-JEPA momentum rises towards 1; official 0.996 -> 1.0)")
-    p.require("adam_beta1", 0 <= p.value("adam_beta1") < 1, "must be in [0, 1)")
-    p.require("adam_beta2", 0 <= p.value("adam_beta2") < 1, "must be in [0, 1)")
-    p.require("adam_epsilon", p.value("adam_epsilon") > 0, "must be positive")
+    check_adam(p)
     crop = p.value("crop_scale")
     p.require("crop_scale", len(crop) == 2 and 0 < crop[0] <= crop[1] <= 1,
               "must be two numbers MIN MAX with 0 < MIN <= MAX <= 1 (fractions of the image area, official 0.3 1.0)")
@@ -243,6 +241,7 @@ def exit_for_bad_arguments(error: ArgumentError, prog: str) -> NoReturn:
 
 
 def check_adam(p: _Problems) -> None:
+    """AdamW's betas and epsilon (pretraining and fine-tuning)."""
     p.require("adam_beta1", 0 <= p.value("adam_beta1") < 1, "must be in [0, 1)")
     p.require("adam_beta2", 0 <= p.value("adam_beta2") < 1, "must be in [0, 1)")
     p.require("adam_epsilon", p.value("adam_epsilon") > 0, "must be positive")

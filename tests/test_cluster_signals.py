@@ -421,3 +421,48 @@ def test_worker_sigkill__data_worker_error_names_that_worker_and_its_record(data
     assert Path(match.group(1)).parent == data and int(match.group(2)) % 2 == 1  # worker 1 makes the odd batches
     assert int(match.group(3)) == workers[1]
     assert "pretrain.py: process 0 exits with code 1 (DataWorkerError)" in text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the pieces, in process
+
+
+def test_guard__a_signal_arriving_twice_at_once_is_one_request_and_repeated_sigterm_never_abandons(monkeypatch):
+    from modeling_ijepa.training import preemption
+
+    with preemption.PreemptionGuard([]) as guard:
+        os.kill(os.getpid(), signal.SIGINT)  # from the terminal ...
+        os.kill(os.getpid(), signal.SIGINT)  # ... and forwarded by the launcher, within SAME_EVENT_SECONDS
+        time.sleep(0.05)
+    assert guard.received == signal.SIGINT  # still here: no second Ctrl-C was counted
+    monkeypatch.setattr(preemption, "SAME_EVENT_SECONDS", 0.0)
+    with preemption.PreemptionGuard([]) as guard:
+        for _ in range(3):  # a scheduler repeating SIGTERM, a launcher forwarding it: the save goes on
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+    assert guard.received == signal.SIGTERM
+
+
+def test_worker_signals__a_worker_ignores_every_stop_signal(tmp_path):
+    import multiprocessing
+
+    from modeling_ijepa.training.workers import WorkerSignals
+
+    def worker(init, ready):
+        init(0)
+        ready.set()
+        time.sleep(60)
+
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    process = context.Process(target=worker, args=(WorkerSignals([signal.SIGUSR1]), ready), daemon=True)
+    process.start()
+    try:
+        assert ready.wait(30)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            os.kill(process.pid, signum)
+        time.sleep(0.5)
+        assert process.is_alive()
+    finally:
+        process.kill()
+        process.join(10)

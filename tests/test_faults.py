@@ -105,6 +105,7 @@ BAD_ARGUMENTS = [  # (extra command-line arguments, what the one-line message mu
     (["--dataloader_num_workers", "-2"], "--dataloader_num_workers -2: must be >= -1"),
     (["--save_on_signal", "SIGFOO"], "--save_on_signal SIGFOO: SIGFOO is not a signal of this system"),
     (["--preemption_check_steps", "0"], "--preemption_check_steps 0: must be a positive number"),
+    (["--distributed_timeout_seconds", "0"], "--distributed_timeout_seconds 0: must be a positive number of seconds"),
     (["--checkpoint_verification", "paranoid"], "--checkpoint_verification paranoid: must be one of fast, full"),
     (["--config_overrides", "target_block_scale=(0.3, 0.1)"],
      "--config_overrides target_block_scale=(0.3, 0.1): target_block_scale=(0.3, 0.1) must satisfy 0 < min <= max"),

@@ -130,7 +130,7 @@ def follow_launcher() -> bool:
     launcher = os.getppid()
     if not set_parent_death_signal(signal.SIGTERM):
         return False
-    if os.getppid() != launcher or launcher == 1:
+    if os.getppid() != launcher:  # it died between the two calls: the kernel will not send the signal now
         os.kill(os.getpid(), signal.SIGTERM)
     return True
 

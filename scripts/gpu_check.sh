@@ -73,7 +73,9 @@ out.close()
 PY
 }
 
-selected() { [ -z "${GPU_CHECK_ONLY:-}" ] || [[ " $GPU_CHECK_ONLY " == *" $1 "* ]]; }
+selected() {  # name [group]: in GPU_CHECK_ONLY by name or by group (stability, loop), or no GPU_CHECK_ONLY at all
+  [ -z "${GPU_CHECK_ONLY:-}" ] || [[ " $GPU_CHECK_ONLY " == *" $1 "* ]] || [[ -n "${2:-}" && " $GPU_CHECK_ONLY " == *" $2 "* ]]
+}
 
 measure() {  # name timeout_s benchmark-arguments...
   local name=$1 limit=$2; shift 2
@@ -123,4 +125,92 @@ PY
   echo "mask sampler (apart from the step) rc=$rc, $((SECONDS - start)) s: $summary" | tee -a "$RESULTS/gpu_check.md"
 }
 sampler
+
+# Step stability (issue 20): the same mask sets replayed twice in one process (per-step CUDA-event times, shapes, SDPA
+# kernel choice, allocator counters, GC pauses, SM clock), then one switch per process on a shorter replay. The group
+# stops starting variants once STABILITY_BUDGET_S would be exceeded (5 minutes on one GPU).
+STABILITY_BUDGET_S=${STABILITY_BUDGET_S:-300}
+stability_start=-1
+stability() {  # name timeout allocator-settings benchmark-arguments...
+  local name=$1 limit=$2 allocator=$3; shift 3
+  selected "$name" stability || return 0
+  [ "$stability_start" -ge 0 ] || stability_start=$SECONDS
+  local json="$RESULTS/$name.json" start=$SECONDS rc=0
+  if [ $((SECONDS - stability_start + limit)) -gt "$STABILITY_BUDGET_S" ]; then
+    echo "$name: skipped (the stability group's ${STABILITY_BUDGET_S} s budget)" | tee -a "$RESULTS/gpu_check.md"
+    return 0
+  fi
+  echo "== $name (timeout ${limit}s, PYTORCH_CUDA_ALLOC_CONF=${allocator:-unset})" | tee -a "$RESULTS/log.txt"
+  env ${allocator:+PYTORCH_CUDA_ALLOC_CONF=$allocator} timeout --kill-after=10 "$limit" "$PYTHON" \
+    "$REPO/scripts/benchmark.py" --sections stability --stability_label "$name" --output "$json" "$@" \
+    >> "$RESULTS/log.txt" 2>&1 || rc=$?
+  "$PYTHON" - "$name" "$rc" "$((SECONDS - start))" "$json" <<'PY' | tee -a "$RESULTS/gpu_check.md"
+import json, os, sys
+from modeling_ijepa.benchmarks.step_stability import format_stability_table
+name, rc, seconds, path = sys.argv[1:5]
+if not os.path.exists(path):
+    print(f"{name}: rc={rc}, {seconds} s, no result (timeout or error, see log.txt)")
+    sys.exit()
+result = json.load(open(path))["results"][-1]
+print(f"\n{name}: rc={rc}, {seconds} s; SDPA kernels seen by the profiler: {result['profiler_attention_kernels']}; "
+      f"SM clock: {result['sm_clock']}; distinct shapes {result['distinct_shapes']}\n")
+print(format_stability_table([result]))
+PY
+}
+if [ "$CONFIGS" = "tiny-cpu" ]; then
+  tiny=(--device cpu --stability_config tiny-cpu --stability_batch_size 8 --stability_dtype fp32)
+  stability stability_default 120 "" "${tiny[@]}" --stability_masks 6 --stability_passes 2 --stability_compare_steps 3
+  stability stability_flash_first 60 "" "${tiny[@]}" --stability_masks 3 --stability_passes 1 \
+    --stability_sdpa_backends flash,efficient,cudnn,math
+  stability stability_gc 60 "" "${tiny[@]}" --stability_masks 3 --stability_passes 1 --stability_gc_collect_steps 2
+else
+  vith=(--device cuda --stability_config vit-huge-14 --stability_batch_size 128 --stability_dtype bf16)
+  stability stability_default 180 "" "${vith[@]}" --stability_masks 200 --stability_passes 2 --stability_compare_steps 60
+  stability stability_flash_first 60 "" "${vith[@]}" --stability_masks 60 --stability_passes 1 \
+    --stability_sdpa_backends flash,efficient,cudnn,math
+  stability stability_expandable 60 "expandable_segments:True" "${vith[@]}" --stability_masks 60 --stability_passes 1
+  stability stability_gc 60 "" "${vith[@]}" --stability_masks 60 --stability_passes 1 --stability_gc_collect_steps 50
+fi
+
+# The real loop (issue 20), eager and --torch_compile, timed by 10-step windows from step 0 (compile time apart), on a
+# synthetic ImageNet-like JPEG parquet made here (needs `datasets`: scripts/gpu_wheels.txt). The dataset lives in a
+# temporary folder, never under RESULTS (which travels back).
+loop_run() {  # name timeout benchmark-arguments...
+  local name=$1 limit=$2; shift 2
+  local json="$RESULTS/$name.json" start=$SECONDS rc=0
+  echo "== $name (timeout ${limit}s)" | tee -a "$RESULTS/log.txt"
+  timeout --kill-after=10 "$limit" "$PYTHON" "$REPO/scripts/benchmark.py" --sections loop --loop_dataset "$LOOP_DATA" \
+    --output "$json" "$@" >> "$RESULTS/log.txt" 2>&1 || rc=$?
+  "$PYTHON" - "$name" "$rc" "$((SECONDS - start))" "$json" <<'PY' | tee -a "$RESULTS/gpu_check.md"
+import json, os, sys
+from modeling_ijepa.benchmarks.real_loop import format_loop_table
+name, rc, seconds, path = sys.argv[1:5]
+if not os.path.exists(path):
+    print(f"{name}: rc={rc}, {seconds} s, no result (timeout or error, see log.txt)")
+    sys.exit()
+print(f"\n{name}: rc={rc}, {seconds} s\n")
+print(format_loop_table(json.load(open(path))["results"][-1:]))
+PY
+}
+if selected loop_eager loop || selected loop_compiled loop; then
+  if [ "$CONFIGS" = "tiny-cpu" ]; then
+    loop_batch=8 loop_steps=30
+    loop_args=(--device cpu --loop_config tiny-cpu --loop_settings "--dataloader_num_workers 1")
+  else  # the issue's setting: ViT-H/14, batch 128, bf16 autocast, automatic worker count
+    loop_batch=128 loop_steps=150
+    loop_args=(--loop_config vit-huge-14 --loop_settings "--mixed_precision bf16")
+  fi
+  loop_args+=(--loop_batch_size "$loop_batch" --loop_steps "$loop_steps")
+  LOOP_DATA=$(mktemp -d)/jpegs
+  start=$SECONDS
+  if timeout 180 "$PYTHON" -m modeling_ijepa.benchmarks.real_loop "$LOOP_DATA" $((loop_batch * loop_steps)) \
+      >> "$RESULTS/log.txt" 2>&1; then
+    echo "loop dataset: $((loop_batch * loop_steps)) JPEGs in $((SECONDS - start)) s" | tee -a "$RESULTS/gpu_check.md"
+    selected loop_eager loop && loop_run loop_eager 240 "${loop_args[@]}"
+    selected loop_compiled loop && loop_run loop_compiled 300 "${loop_args[@]}" --loop_compile true
+  else
+    echo "loop dataset: failed (is \`datasets\` installed? see scripts/gpu_wheels.txt and log.txt)" | tee -a "$RESULTS/gpu_check.md"
+  fi
+  rm -rf "$(dirname "$LOOP_DATA")"
+fi
 echo "results in $RESULTS/gpu_check.md (log: $RESULTS/log.txt)"

@@ -9,6 +9,7 @@ Each section is a function `(args, device) -> (results, table)`: `results` is a 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -40,7 +41,7 @@ class BenchmarkArguments:
     )
     sections: list[str] = field(
         default_factory=lambda: ["step", "inference", "collator"],
-        metadata={"help": "Which sections to run: step, inference, collator, pipeline, decode, resume, stability."},
+        metadata={"help": "Which sections to run: step, inference, collator, pipeline, decode, resume, stability, loop."},
     )
     warmup: int = field(default=1, metadata={"help": "Untimed repetitions before timing (compile needs >= 1)."})
     reps: int = field(default=3, metadata={"help": "Timed repetitions per implementation (interleaved)."})
@@ -86,6 +87,15 @@ class BenchmarkArguments:
     stability_compare_steps: int = field(
         default=0, metadata={"help": "`stability`: also summarise the first N steps of pass 1."}
     )
+    loop_config: str = field(default="vit-huge-14", metadata={"help": "Preset of the `loop` section (real loop)."})
+    loop_batch_size: int = field(default=128, metadata={"help": "Per-device batch of the `loop` section."})
+    loop_steps: int = field(default=150, metadata={"help": "Optimizer steps of the `loop` run (windows of 10)."})
+    loop_compile: bool = field(default=False, metadata={"help": "`loop`: --torch_compile true."})
+    loop_dataset: str | None = field(
+        default=None, metadata={"help": "`loop`: a JPEG parquet folder (default: made in a temporary folder)."}
+    )
+    loop_settings: str = field(default="", metadata={"help": "`loop`: extra pretraining arguments, e.g. "
+                               "'--mixed_precision bf16 --sdpa_backends flash,efficient,cudnn,math'."})
 
 
 def parse_device(args: BenchmarkArguments) -> torch.device:
@@ -188,6 +198,18 @@ def stability_section(args, device):
     return [result], format_stability_table([result])
 
 
+def loop_section(args, device):
+    import tempfile
+
+    from .real_loop import format_loop_table, loop_window_benchmark, make_jpeg_parquet
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset = args.loop_dataset or make_jpeg_parquet(Path(tmp) / "jpegs", args.loop_steps * args.loop_batch_size)
+        result = loop_window_benchmark(dataset, args.loop_config, args.loop_batch_size, args.loop_steps,
+                                       args.loop_compile, Path(tmp) / "run", args.loop_settings.split())
+    return [result], format_loop_table([result])
+
+
 # name -> (args, device) -> (results, own markdown table or None for rows of the main table); run in this order.
 SECTIONS: dict[str, Callable] = {
     "step": step_section,
@@ -197,6 +219,7 @@ SECTIONS: dict[str, Callable] = {
     "decode": decode_section,
     "resume": resume_section,
     "stability": stability_section,
+    "loop": loop_section,
 }
 
 

@@ -207,6 +207,22 @@ class PretrainingArguments:
                   "(0: the training process does it; -1: automatic, the CPUs per process minus one, at least 1)."},
     )
     logging_steps: int = field(default=10, metadata={"help": "Log every N optimizer steps."})
+    # Step steadiness (issue 20, modeling_ijepa/cuda_settings.py, docs/performance.md).
+    sdpa_backends: str | None = field(
+        default=None,
+        metadata={"help": "Order in which SDPA attention tries its kernels, comma-separated from flash, efficient, "
+                  "cudnn, math (e.g. 'flash,efficient,cudnn,math'); default: torch's own order."},
+    )
+    gc_collect_steps: int = field(
+        default=50,
+        metadata={"help": "Python's automatic garbage collector off while training, gc.collect(1) every N steps "
+                  "(torchtitan's default 50); 0: Python's automatic collector, as before this option."},
+    )
+    cuda_allocator_settings: str | None = field(
+        default=None,
+        metadata={"help": "PYTORCH_CUDA_ALLOC_CONF for this run (e.g. 'expandable_segments:True'), set before CUDA "
+                  "initialises; refused if CUDA already runs with another value. Default: the environment's."},
+    )
     report_to: str = field(
         default="tensorboard",
         metadata={"help": "Trackers: 'tensorboard', 'wandb', 'all', 'none', or a comma-separated list."},

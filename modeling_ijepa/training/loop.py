@@ -41,6 +41,7 @@ from .publish import push_run_to_hub, write_model_card
 from .schedules import Schedules, step_for_global_batch
 from .preemption import Preempted, PreemptionGuard, stop_signals
 from . import workers
+from ..cuda_settings import StepSettings, apply_allocator_settings
 from .step import step_metrics, train_step
 from .validation import validate_arguments, validate_world_size
 
@@ -117,6 +118,8 @@ class PretrainingRun:
     run_losses: list[float] = field(default_factory=list)
     knn_monitor: monitoring.KnnMonitor | None = None  # set when --monitor_label_column names a label column
     rankme_history: list[tuple[int, float]] = field(default_factory=list)  # (step, RankMe) at logging steps
+    # (step, images/s of the logging window ending there, wall clock: start-up and compilation included)
+    throughput_history: list[tuple[int, float]] = field(default_factory=list)
     preemption: PreemptionGuard | None = None  # set by `pretrain` while training
 
     def trainer_state(self) -> dict:
@@ -403,6 +406,7 @@ def log_window(run: PretrainingRun, args, outcome, values: dict, losses: list[fl
     images_per_second = len(losses) * run.global_batch_size / max(seconds, 1e-9)
     window_loss = sum(losses) / len(losses)
     metrics = step_metrics(run.accelerator, outcome, values, window_loss, images_per_second, run.data_state)
+    run.throughput_history.append((run.global_step, images_per_second))
     run.accelerator.log(metrics, step=run.global_step)
     progress.set_postfix(loss=f"{window_loss:.4f}", lr=f"{values['lr']:.2e}", img_s=f"{images_per_second:.1f}")
 
@@ -424,7 +428,9 @@ def train(run: PretrainingRun, args: PretrainingArguments) -> str | None:
     window = LogWindow(DataState(**asdict(run.data_state)))
     with workers.signals_blocked(stop_signals(args)):  # a signal while workers start reaches only this process
         batches = iter(run.stream)
+    settings = StepSettings.from_arguments(args)  # SDPA kernel order, garbage collection (cuda_settings.py)
     try:
+        settings.start()
         while run.global_step < schedules.train_steps:
             values, step = schedules.at(run.global_step), run.global_step + 1
             logging_step = step % args.logging_steps == 0 or step == schedules.train_steps
@@ -434,6 +440,7 @@ def train(run: PretrainingRun, args: PretrainingArguments) -> str | None:
                                  args, parameters, halted, logging_step, global_step=run.global_step)
             window.add(run, outcome.loss, values, outcome.fingerprint)
             run.global_step += 1
+            settings.after_step(run.global_step)
             progress.update(1)
             if logging_step or checkpoint_step:
                 seconds = time.perf_counter() - window.started
@@ -451,6 +458,7 @@ def train(run: PretrainingRun, args: PretrainingArguments) -> str | None:
                 logger.info("Saved checkpoint %s", run.save(args.save_total_limit, export_model=False))
         return None
     finally:
+        settings.stop()
         batches.close()  # stops the DataLoader workers before the interpreter tears pyarrow down
         run.stream.close()
         progress.close()
@@ -540,6 +548,7 @@ def pretrain(model_args: ModelArguments, data_args: DataTrainingArguments, args:
     after saving on SIGTERM or --save_on_signal, `checkpoints.CheckpointSpaceError` when the disk fills up.
     """
     validate_arguments(model_args, data_args, args)  # before any data is read or model built
+    apply_allocator_settings(args.cuda_allocator_settings)  # before anything initialises CUDA
     accelerator = make_accelerator(args, model_args)
     setup_logging(accelerator)
     world_size = check_world_size(accelerator)
@@ -557,6 +566,7 @@ def pretrain(model_args: ModelArguments, data_args: DataTrainingArguments, args:
     results = run_results(run, checkpoint, start_step, time.perf_counter() - start_time)
     results.update(final_knn(run, args.seed))
     results["rankme"] = run.rankme_history
+    results["images_per_second_by_window"] = run.throughput_history
     if accelerator.is_main_process:
         (run.output_dir / "all_results.json").write_text(json.dumps(results, indent=2))
     results["is_main_process"] = accelerator.is_main_process  # not in the file: which process returned these

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from .arguments import DataTrainingArguments, ModelArguments, PretrainingArguments
+from ..cuda_settings import SDPA_BACKEND_NAMES
 
 # Accelerate's `PrecisionType` and `LoggerType` values (kept here so the check needs no accelerate import).
 MIXED_PRECISION_NAMES = ("no", "fp16", "bf16", "fp8", "auto")  # auto: `precision.choose_mixed_precision`
@@ -132,6 +133,10 @@ def check_bookkeeping(p: _Problems) -> None:
     p.require("save_on_signal", not bad_signals, f"{', '.join(bad_signals)} is not a signal of this system; use "
               "names such as SIGUSR1, SIGUSR2, SIGINT, SIGHUP (SIGTERM is always handled)")
     p.require("dataset_name", bool(p.value("dataset_name")), "must name a Hub dataset or a local path")
+    p.at_least("gc_collect_steps", 0, "must be >= 0 (0: Python's automatic garbage collector)")
+    backends = [name.strip() for name in (p.value("sdpa_backends") or "").split(",") if name.strip()]
+    p.require("sdpa_backends", all(name in SDPA_BACKEND_NAMES for name in backends),
+              f"must be a comma-separated order of {', '.join(SDPA_BACKEND_NAMES)}")
 
 
 def signal_names(text: str | None) -> list[str]:

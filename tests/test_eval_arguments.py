@@ -322,6 +322,18 @@ def test_parse_command_line__a_value_a_dataclass_refuses_is_one_argument_error(w
         parse_command_line((ProbeArguments,), command_line(PROBE_BASE, {"--no_such_flag": 1}, workspace))
 
 
+def test_parse_command_line__an_arguments_file_gets_the_same_checks(workspace, tmp_path):
+    config = tmp_path / "probe.yaml"
+    config.write_text(f"model_name_or_path: {workspace}/encoder\ndataset_name: {workspace}/data\nbatch_size: 0\n")
+    assert problems_of(validate_probe_arguments, (ProbeArguments,), [str(config)]) == [
+        "--batch_size 0: must be a positive number of images per batch"]
+    config.write_text(f"dataset_name: {workspace}/data\nraw_pixels: true\nimage_size: 8\nbatch_sise: 16\n")
+    with pytest.raises(ArgumentError, match=r"Some keys are not used by the HfArgumentParser: \['batch_sise'\]"):
+        parse_command_line((ProbeArguments,), [str(config)])
+    with pytest.raises(ArgumentError, match=r"^missing\.json: no such arguments file$"):
+        parse_command_line(FINETUNE_TYPES, ["missing.json"])
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the scripts: exit 2, one line per problem, no traceback, nothing read
 

@@ -71,19 +71,18 @@ def make_jpeg_folder(root: str | Path, count: int = 64, seed: int = 0) -> list[P
 def ours_batches(paths: list[Path], draft: bool, seed: int = 0, tensor_decode: bool = True):
     """A callable making our uint8 batches of all `paths` (bytes read from the files, as a parquet record holds them);
     `tensor_decode=False`: the PIL decode and resize instead of torchvision's."""
-    from ..training.data import AugmentationSettings, DataState, ImageBatchDataset, _Chunk
+    from ..training.data import AugmentationSettings, BatchMaker
 
     settings = AugmentationSettings(crop_size=(CROP_SIZE, CROP_SIZE), crop_scale=CROP_SCALE)
-    dataset = ImageBatchDataset(None, "image", BATCH_SIZE, settings, seed, 0, collator=None, start=DataState(),
-                                draft=draft)
-    dataset.tensor_decode = tensor_decode
+    maker = BatchMaker(settings, seed, 0, collator=None, draft=draft)
+    maker.tensor_decode = tensor_decode
 
     def run() -> list[torch.Tensor]:
         out = []
         for start in range(0, len(paths), BATCH_SIZE):
-            records = [(start + i, {"bytes": p.read_bytes(), "path": None})
+            records = [(0, start + i, {"bytes": p.read_bytes(), "path": None})
                        for i, p in enumerate(paths[start:start + BATCH_SIZE])]
-            batch, _ = dataset.make_batch(_Chunk(start // BATCH_SIZE, records, DataState()), 0)
+            batch, _, _ = maker.make_batch(start // BATCH_SIZE, records, 0)
             out.append(batch["pixel_values"])
         return out
 

@@ -34,7 +34,7 @@ from .checkpoints import (
 )
 from .data import (
     AugmentationSettings, BatchIndexedMaskCollator, DataState, ImageBatchStream, PixelNormalizer, count_train_samples,
-    default_num_workers, detect_image_column, load_train_dataset, shard_for_process,
+    data_state_from_dict, default_num_workers, detect_image_column, load_training_images, shard_for_process,
 )
 from . import monitoring
 from .publish import push_run_to_hub, write_model_card
@@ -231,7 +231,7 @@ def open_dataset(accelerator, data_args: DataTrainingArguments):
     import datasets as hf_datasets
 
     with accelerator.main_process_first():
-        dataset = load_train_dataset(data_args)
+        dataset = load_training_images(data_args)
     image_column = detect_image_column(dataset.features, data_args.image_column_name)
     dataset = dataset.select_columns([image_column]).cast_column(image_column, hf_datasets.Image(decode=False))
     return dataset, image_column, data_args.num_train_samples or count_train_samples(dataset, data_args)
@@ -263,12 +263,13 @@ def build_run(model_args: ModelArguments, data_args: DataTrainingArguments, args
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     rank = accelerator.process_index
-    shard = shard_for_process(dataset, rank, world_size, args.seed, data_args.shuffle_buffer_size)
+    num_workers = resolve_num_workers(args.dataloader_num_workers)
+    shard = shard_for_process(dataset, rank, world_size, args.seed, data_args.shuffle_buffer_size, num_workers)
     data_state = DataState()
     collator = BatchIndexedMaskCollator(config, seed=args.seed, rank=rank)  # runs in the DataLoader workers
     stream = ImageBatchStream(
         shard, image_column, args.per_device_train_batch_size, augmentation_settings(args, config.image_size_hw),
-        seed=args.seed, rank=rank, num_workers=resolve_num_workers(args.dataloader_num_workers), state=data_state,
+        seed=args.seed, rank=rank, num_workers=num_workers, state=data_state,
         collator=collator, pin_memory=accelerator.device.type == "cuda",
         log_batch_fingerprints=args.log_batch_fingerprints,
         worker_init_fn=workers.WorkerSignals(stop_signals(args)),  # workers never act on a stop signal
@@ -324,7 +325,7 @@ def restore(run: PretrainingRun, resume_path: Path, ignore_data_skip: bool) -> N
     if not ignore_data_skip:
         rank_file = resume_path / RANK_STATE_NAME.format(rank=run.accelerator.process_index)
         rank_state = json.loads(rank_file.read_text())
-        restored = DataState(**rank_state["data"])
+        restored = data_state_from_dict(rank_state["data"])
         for name, value in asdict(restored).items():  # in place: the stream holds this object
             setattr(run.data_state, name, value)
         run.collator.load_state_dict(rank_state["mask_collator"])
@@ -395,7 +396,6 @@ def flush_window(run: PretrainingRun, window: LogWindow) -> tuple[str | None, li
         return None, losses
     for name, value in asdict(last_state).items():  # in place: the stream holds this object
         setattr(run.data_state, name, value)
-    run.collator.num_batches = last_state.batches
     run.global_step = bad_step  # steps done with a finite loss: the weights are still those after them
     return f"non-finite loss ({losses[bad]}) at step {bad_step}", losses[:len(kept)]
 

@@ -8,23 +8,28 @@
 """
 
 from ...masking_ijepa import derive_seed
-from .batches import BatchIndexedMaskCollator, BatchInfo, DataState, ImageBatchDataset, _Chunk, batch_fingerprint
+from .batches import (
+    BatchIndexedMaskCollator, BatchInfo, BatchMaker, BatchTicket, DataState, EpochBatchSampler, MapBatchDataset,
+    ReaderPosition, StreamBatchDataset, batch_fingerprint, data_state_from_dict,
+)
 from .decode import (
     DECODE_ERRORS, AugmentationSettings, RecordAugmenter, augment, decode_image, decode_jpeg_tensor,
     draft_would_shrink, jpeg_bytes, record_name, to_rgb,
 )
 from .loader import DataWorkerError, ImageBatchStream, PixelNormalizer, default_num_workers, normalize
-from .order import ProcessShards, shard_for_process
+from .order import IndexedRecords, ShardedRecords, distributed_sampler_order, shard_for_process
 from .sources import (
     FASHION_MNIST_HUB_IDS, KNOWN_TRAIN_SIZES, DatasetAccessError, access_instructions, count_train_samples,
-    detect_image_column, load_train_dataset, local_fashion_mnist,
+    detect_image_column, load_train_dataset, load_training_images, local_fashion_mnist, local_image_files,
 )
 
 __all__ = [
-    "AugmentationSettings", "BatchIndexedMaskCollator", "BatchInfo", "DECODE_ERRORS", "DataState", "DataWorkerError",
-    "DatasetAccessError", "FASHION_MNIST_HUB_IDS", "ImageBatchDataset", "ImageBatchStream", "KNOWN_TRAIN_SIZES",
-    "PixelNormalizer", "ProcessShards", "RecordAugmenter", "_Chunk", "access_instructions", "augment",
-    "batch_fingerprint", "count_train_samples", "decode_image", "decode_jpeg_tensor", "default_num_workers",
-    "derive_seed", "detect_image_column", "draft_would_shrink", "jpeg_bytes", "load_train_dataset",
-    "local_fashion_mnist", "normalize", "record_name", "shard_for_process", "to_rgb",
+    "AugmentationSettings", "BatchIndexedMaskCollator", "BatchInfo", "BatchMaker", "BatchTicket", "DECODE_ERRORS",
+    "DataState", "DataWorkerError", "DatasetAccessError", "EpochBatchSampler", "FASHION_MNIST_HUB_IDS",
+    "ImageBatchStream", "IndexedRecords", "KNOWN_TRAIN_SIZES", "MapBatchDataset", "PixelNormalizer", "ReaderPosition",
+    "RecordAugmenter", "ShardedRecords", "StreamBatchDataset", "access_instructions", "augment", "batch_fingerprint",
+    "count_train_samples", "data_state_from_dict", "decode_image", "decode_jpeg_tensor", "default_num_workers",
+    "derive_seed", "detect_image_column", "distributed_sampler_order", "draft_would_shrink", "jpeg_bytes",
+    "load_train_dataset", "load_training_images", "local_fashion_mnist", "local_image_files", "normalize",
+    "record_name", "shard_for_process", "to_rgb",
 ]

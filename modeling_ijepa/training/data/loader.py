@@ -14,9 +14,12 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ...masking_ijepa import derive_seed
 from .. import workers as worker_lifecycle
-from .batches import _BOARD_SLOT, BatchIndexedMaskCollator, BatchInfo, DataState, ImageBatchDataset
+from .batches import (
+    _BOARD_SLOT, BatchIndexedMaskCollator, BatchInfo, BatchMaker, DataState, EpochBatchSampler, MapBatchDataset,
+    ReaderPosition, StreamBatchDataset,
+)
 from .decode import AugmentationSettings
-from .order import ProcessShards
+from .order import IndexedRecords, ShardedRecords
 
 logger = logging.getLogger(__name__)
 
@@ -36,37 +39,50 @@ def default_num_workers(local_world_size: int | None = None) -> int:
 
 
 class ImageBatchStream:
-    """The batches of one process: a `torch.utils.data.DataLoader` over an `ImageBatchDataset` (workers read,
-    decode, crop, stack and sample masks), started from `state` and advancing it only by the batches taken.
+    """The batches of one process: a `torch.utils.data.DataLoader` whose workers read, decode, crop, stack and
+    sample masks, started from `state` and advancing it only by the batches taken. Map-style records
+    (`IndexedRecords`): an `EpochBatchSampler` hands each worker its batch's row indices (batches do not depend on the
+    number of workers). Streams (`ShardedRecords`): each worker is one reader of its own shards (batches depend on
+    the number of workers, which the saved position records; a resume with another number is refused).
 
     Yields `{"pixel_values": uint8 (B, 3, H, W), "context_mask": [...], "target_mask": [...]}` (the forward's
     argument names; `allow_overlap` too when the sampler relaxed). `last_fingerprint` holds the hash of the last
     batch when `log_batch_fingerprints`. A worker that dies raises `DataWorkerError` naming its record.
     """
 
-    def __init__(self, dataset: ProcessShards, image_column: str, batch_size: int, settings: AugmentationSettings,
+    def __init__(self, dataset: IndexedRecords | ShardedRecords, image_column: str, batch_size: int, settings: AugmentationSettings,
                  seed: int, rank: int, num_workers: int = 0, state: DataState | None = None,
                  max_logged_corrupt: int = 20, collator: BatchIndexedMaskCollator | None = None,  # None: no masks
                  pin_memory: bool = False, prefetch_factor: int = 2, log_batch_fingerprints: bool = False,
                  timeout: float = 300.0, draft: bool = False, worker_init_fn=None):
         self.shards, self.collator, self.state = dataset, collator, state or DataState()
+        if collator is not None:
+            collator.bind(self.state)  # one batch counter: the collator's is `state.batches`
         # e.g. `workers.WorkerSignals`: workers ignore the stop signals and die with the training process.
         self.worker_init_fn = worker_init_fn
-        self.options = dict(image_column=image_column, batch_size=batch_size, settings=settings, seed=seed,
-                            rank=rank, collator=collator, fingerprints=log_batch_fingerprints, draft=draft)
+        self.image_column, self.batch_size = image_column, batch_size
+        self.options = dict(settings=settings, seed=seed, rank=rank, collator=collator,
+                            fingerprints=log_batch_fingerprints, draft=draft)
         self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
         self.timeout, self.max_logged_corrupt, self.rank = timeout, max_logged_corrupt, rank
         self.last_fingerprint: str | None = None
-        self.dataset: ImageBatchDataset | None = None
+        self.dataset: MapBatchDataset | StreamBatchDataset | None = None
         self._iterator = self._board = None
         self._worker_pids: list[int] = []  # kept after the iterator closes: a dead worker is named by its pid
 
     def _loader(self):
         board = multiprocessing.Array("c", _BOARD_SLOT * max(1, self.num_workers), lock=False)
-        self.dataset = ImageBatchDataset(self.shards, start=self.state, board=board, **self.options)
+        maker = BatchMaker(board=board, **self.options)
+        sampler = None
+        if isinstance(self.shards, IndexedRecords):
+            self.dataset = MapBatchDataset(self.shards, self.image_column, maker)
+            sampler = EpochBatchSampler(self.shards, self.batch_size, self.state)
+        else:
+            self.check_readers()
+            self.dataset = StreamBatchDataset(self.shards, self.image_column, self.batch_size, maker, self.state)
         workers = self.num_workers > 0
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+            self.dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers, pin_memory=self.pin_memory,
             persistent_workers=workers, prefetch_factor=self.prefetch_factor if workers else None,
             timeout=self.timeout if workers else 0, worker_init_fn=self.worker_init_fn if workers else None,
             # Its own generator for the workers' base seed (unused by our per-record seeds): the global RNG is
@@ -99,17 +115,34 @@ class ImageBatchStream:
             self._iterator = None
             worker_lifecycle.stop_workers(iterator)
 
+    def check_readers(self) -> None:
+        """A stream's saved position holds one reader per DataLoader worker: start them, or refuse another count."""
+        readers = max(1, self.num_workers)
+        if not self.state.readers:
+            self.state.readers = [asdict(ReaderPosition()) for _ in range(readers)]
+        elif len(self.state.readers) != readers:
+            saved = len(self.state.readers)
+            raise ValueError(
+                f"The saved data position of process {self.rank} is that of {saved} DataLoader worker(s) (a stream's "
+                f"batches depend on the worker count); this run has {self.num_workers}. Pass --dataloader_num_workers "
+                f"{saved} to continue exactly, or --ignore_data_skip to continue with a fresh data order."
+            )
+
     def consume(self, info: BatchInfo) -> None:
         """The loop took this batch: advance the saved position, count and report its corrupt records."""
         corrupt = self.state.corrupt_images
-        for name, value in asdict(info.state).items():
-            setattr(self.state, name, value)
+        self.state.batches = info.index + 1
+        if info.reader_position is not None:
+            readers = list(self.state.readers)  # a new list: copies of the state made before keep their positions
+            readers[info.reader] = asdict(info.reader_position)
+            self.state.readers = readers
+            self.state.epoch = min(reader["epoch"] for reader in self.state.readers)
+        else:
+            self.state.epoch, self.state.position = info.epoch, info.position
         self.state.corrupt_images = corrupt + len(info.corrupt)
         for offset, message in enumerate(info.corrupt):
             if corrupt + offset < self.max_logged_corrupt:
                 logger.warning("Skipping undecodable image %s", message)
-        if self.collator is not None:
-            self.collator.num_batches = self.state.batches
         self.last_fingerprint = info.fingerprint
 
     def data_error(self, err: BaseException) -> DataWorkerError | None:

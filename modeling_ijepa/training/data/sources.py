@@ -129,3 +129,32 @@ def detect_image_column(features, requested: str | None) -> str:
             return name
     raise ValueError(f"No image column found among {names}; pass --image_column_name.")
 
+
+
+def local_image_files(data_args: DataTrainingArguments):
+    """A map-style `datasets.Dataset` of the image paths of a local image folder (`{"bytes": None, "path"}` records,
+    undecoded: nothing is copied or read here), or None when `--dataset_name` is not one. Training then reads a
+    folder with the official sampler's global shuffle whatever `--streaming` says: streamed, `datasets` reads an
+    image folder as one shard in file order (class by class for ImageNet's layout)."""
+    name = local_fashion_mnist(data_args) or data_args.dataset_name
+    if not os.path.isdir(name):
+        return None
+    import datasets
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    builder = datasets.load_dataset_builder(name, data_args.dataset_config_name, cache_dir=data_args.cache_dir)
+    if builder.name != "imagefolder":
+        return None
+    files = builder.config.data_files.get(data_args.train_split)
+    if not files:
+        raise ValueError(f"--dataset_name {name!r} has no {data_args.train_split!r} split; pass --train_split.")
+    paths = sorted(str(path) for path in files if os.path.splitext(str(path))[1].lower() in ImageFolder.EXTENSIONS)
+    features = datasets.Features({"image": datasets.Image(decode=False)})
+    logger.info("Image folder %s: %d images, read in the official sampler's order.", name, len(paths))
+    return datasets.Dataset.from_dict({"image": [{"bytes": None, "path": path} for path in paths]}, features=features)
+
+
+def load_training_images(data_args: DataTrainingArguments):
+    """The pretraining dataset: a local image folder as `local_image_files`, anything else `load_train_dataset`."""
+    folder = local_image_files(data_args)
+    return folder if folder is not None else load_train_dataset(data_args)

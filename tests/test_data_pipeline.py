@@ -211,6 +211,7 @@ def test_reads__each_record_pulled_once_per_epoch_with_2_processes_and_4_workers
     assert len(used) == len(set(used)) and len(used) >= len(table) - 8 * 15  # each reader drops < 16 at its end
 
 
+@pytest.mark.slow  # 128,000 records through both paths' order code (~15 s on 2 shared cores)
 def test_shuffle_quality__class_sorted_records_mix_across_classes_and_files():
     """ImageNet-shaped class-sorted data (as a local image folder lists it): map-style batches of 128 hold about the
     classes of a uniform draw, streamed batches mix records of at least 8 of 16 files."""

@@ -41,7 +41,7 @@ class BenchmarkArguments:
     )
     sections: list[str] = field(
         default_factory=lambda: ["step", "inference", "collator"],
-        metadata={"help": "Which sections to run: step, inference, collator, pipeline, decode, resume, stability, loop."},
+        metadata={"help": "Which sections to run: step, inference, collator, pipeline, decode, resume, shuffle, stability, loop."},
     )
     warmup: int = field(default=1, metadata={"help": "Untimed repetitions before timing (compile needs >= 1)."})
     reps: int = field(default=3, metadata={"help": "Timed repetitions per implementation (interleaved)."})
@@ -184,6 +184,13 @@ def resume_section(args, device):
     return [result], format_resume_table(result)
 
 
+def shuffle_section(args, device):
+    from .shuffle import format_shuffle_table, shuffle_benchmark
+
+    result = shuffle_benchmark()  # 1,000 classes x 128 rows, 16 files, 2 processes x 4 workers, batch 128
+    return [result], format_shuffle_table(result)
+
+
 def stability_section(args, device):
     from .step_stability import StabilitySettings, format_stability_table, stability_benchmark
 
@@ -218,6 +225,7 @@ SECTIONS: dict[str, Callable] = {
     "pipeline": pipeline_section,
     "decode": decode_section,
     "resume": resume_section,
+    "shuffle": shuffle_section,
     "stability": stability_section,
     "loop": loop_section,
 }

@@ -1,7 +1,7 @@
 """The `decode` benchmark: JPEG decode + RandomResizedCrop(224) images/s on one core, ours against the official
 pipeline, on the same ImageNet-size files.
 
-* **ours**: the package's per-record path, `ImageBatchDataset.make_batch` of `modeling_ijepa/training/data.py`
+* **ours**: the package's per-record path, `BatchMaker.make_batch` of `modeling_ijepa/training/data/batches.py`
   (`decode_image` -> `RecordAugmenter`: crop drawn from the record's own `torch.Generator`, applied with
   `torchvision.transforms.v2.functional.resized_crop` -> `np.stack`), uint8 `(B, 3, 224, 224)`, no masks; the
   normalisation happens later on the training device. `ours (draft)` is the same with `draft=True` (PIL's reduced-size
@@ -174,7 +174,7 @@ def decode_benchmark(num_images: int = 64, passes: int = 5, seed: int = 0, draft
 
 
 ROWS = {  # name in the result -> table label
-    "ours": "ours: `ImageBatchDataset.make_batch` (torchvision decode_jpeg + uint8 antialiased resized_crop)",
+    "ours": "ours: `BatchMaker.make_batch` (torchvision decode_jpeg + uint8 antialiased resized_crop)",
     "ours_pil": "ours with PIL decode + resize (`tensor_decode=False`)",
     "ours_draft": "ours, `draft=True` (reduced-size JPEG decode)",
     "official": "official: ImageFolder + PIL + RandomResizedCrop + ToTensor + Normalize, DataLoader(num_workers=0)",

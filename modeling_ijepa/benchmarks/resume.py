@@ -5,7 +5,8 @@ settings) saves a checkpoint after its first step, another run of the same sched
 is resumed, in this process, and each resume is timed from the `pretrain()` call (imports done) to the
 return of its first optimizer step (the resume is then stopped). Everything a resume does before stepping is inside:
 accelerator, model and dataset set-up, the checkpoint load and verification, the DataLoader worker start and the
-data skip to the saved position (a resume starts at its shard, so it re-reads at most one shard, undecoded).
+data skip to the saved position (a stream resume starts at its group of shards, so it re-reads at most one group,
+undecoded).
 """
 
 from __future__ import annotations

@@ -9,10 +9,14 @@
 #   GPU_CHECK_CONFIGS=tiny-cpu bash scripts/gpu_check.sh /tmp/x    # dry run on CPU in seconds (tests use it)
 #   PYTHON=python3.12 DATASHEET_PEAK_TFLOPS=989 bash scripts/gpu_check.sh
 #   GPU_CHECK_ONLY="vith14_eager collator" bash scripts/gpu_check.sh   # a subset of the measurements below
+#   GPU_CHECK_ONLY="stability loop" bash scripts/gpu_check.sh "$OUT"  # issue 20's groups (about 9 minutes)
 #
 # Each measurement is its own process under its own `timeout`; after each one a row is appended to
 # RESULTS_DIR/gpu_check.md and its JSON to RESULTS_DIR/gpu_check.jsonl, so a timeout or crash loses only that row.
-# Total under 9 minutes of timeouts (most measurements finish well within theirs).
+# Groups: the step rows (under 9 minutes of timeouts; most finish well within theirs), `stability` (issue 20: the
+# same masks replayed, per-step instruments, one switch per process; at most STABILITY_BUDGET_S=300 s) and `loop`
+# (issue 20: the real pretraining loop, eager and compiled, on a synthetic JPEG parquet; needs `datasets`). All of
+# them together take longer than one 10-minute command: select groups with GPU_CHECK_ONLY.
 # Wheels for what the machine lacks (e.g. `datasets` for the data-pipeline row): see scripts/gpu_wheels.txt; put them
 # in ./wheels and they are installed into a temporary folder first.
 set -uo pipefail  # no -e: a failed measurement is recorded and the next one runs
@@ -165,11 +169,11 @@ if [ "$CONFIGS" = "tiny-cpu" ]; then
   stability stability_gc 60 "" "${tiny[@]}" --stability_masks 3 --stability_passes 1 --stability_gc_collect_steps 2
 else
   vith=(--device cuda --stability_config vit-huge-14 --stability_batch_size 128 --stability_dtype bf16)
-  stability stability_default 180 "" "${vith[@]}" --stability_masks 200 --stability_passes 2 --stability_compare_steps 60
-  stability stability_flash_first 60 "" "${vith[@]}" --stability_masks 60 --stability_passes 1 \
+  stability stability_default 180 "" "${vith[@]}" --stability_masks 200 --stability_passes 2 --stability_compare_steps 40
+  stability stability_flash_first 60 "" "${vith[@]}" --stability_masks 40 --stability_passes 1 \
     --stability_sdpa_backends flash,efficient,cudnn,math
-  stability stability_expandable 60 "expandable_segments:True" "${vith[@]}" --stability_masks 60 --stability_passes 1
-  stability stability_gc 60 "" "${vith[@]}" --stability_masks 60 --stability_passes 1 --stability_gc_collect_steps 50
+  stability stability_expandable 60 "expandable_segments:True" "${vith[@]}" --stability_masks 40 --stability_passes 1
+  stability stability_gc 60 "" "${vith[@]}" --stability_masks 40 --stability_passes 1 --stability_gc_collect_steps 20
 fi
 
 # The real loop (issue 20), eager and --torch_compile, timed by 10-step windows from step 0 (compile time apart), on a

@@ -63,9 +63,11 @@ class SdpaChoiceRecorder:
     call's own tensors and options) and counts the answers; installed in place of
     `torch.nn.functional.scaled_dot_product_attention` (transformers' `sdpa` attention looks it up per call)."""
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True):
         from torch.nn.attention import SDPBackend
 
+        # Off for compiled layers: dynamo would trace the wrapper and recompile whenever `recording` flips.
+        self.enabled = enabled
         self.names = {int(member): name for name, member in SDPBackend.__members__.items()}
         self.recording, self.choices = False, Counter()
 
@@ -80,13 +82,15 @@ class SdpaChoiceRecorder:
 
     def __enter__(self):
         self.original = torch.nn.functional.scaled_dot_product_attention
+        if not self.enabled:
+            return self
 
         def recorded_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                          enable_gqa=False):
+                          enable_gqa=False, **extra):
             if self.recording:
                 self._record(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
             return self.original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                                 scale=scale, enable_gqa=enable_gqa)
+                                 scale=scale, enable_gqa=enable_gqa, **extra)
 
         torch.nn.functional.scaled_dot_product_attention = recorded_sdpa
         return self
@@ -95,6 +99,8 @@ class SdpaChoiceRecorder:
         torch.nn.functional.scaled_dot_product_attention = self.original
 
     def take(self) -> dict[str, int]:
+        if not self.enabled:
+            return {f"{NOT_AVAILABLE} (compiled)": 1}
         choices, self.choices = dict(self.choices), Counter()
         return choices
 
@@ -302,7 +308,7 @@ def stability_benchmark(settings: StabilitySettings, device: torch.device) -> di
     pixel_values = torch.randn(settings.batch_size, config.num_channels, height, width, generator=generator).to(device)
     runtime, seen = StepSettings(settings.sdpa_backends, settings.gc_collect_steps), set()
     started = time.perf_counter()
-    with SdpaChoiceRecorder() as recorder, GcPauses() as pauses:
+    with SdpaChoiceRecorder(enabled=not settings.compile) as recorder, GcPauses() as pauses:
         runtime.start()
         try:
             timer = StepTimer(device, recorder, pauses)

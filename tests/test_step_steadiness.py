@@ -273,3 +273,29 @@ def test_stability_section__compiled_layers_run_without_the_sdpa_wrapper():
     new = [r for r in result["steps"] if r["new_shape"]]
     assert new and all(r["sdpa"] == {"n/a (compiled)": 1} for r in new)  # not asked: tracing it would recompile
     assert result["pass_summaries"][1]["new_shape_steps"] == 0
+
+
+def test_pretrain__applies_sdpa_order_and_gc_policy_while_training_and_reports_window_rates(tmp_path, monkeypatch):
+    import modeling_ijepa
+    from modeling_ijepa.training import loop, parse_arguments
+    from test_pretrain import e2e_args, make_mixed_image_folder  # tests/ is on sys.path under pytest
+
+    data = make_mixed_image_folder(tmp_path / "images", count=6, corrupt=False)
+    seen = {"sdpa": set(), "gc_enabled": set()}
+    original_forward = modeling_ijepa.IJepaForPreTraining.forward
+
+    def observed_forward(self, *args, **kwargs):
+        seen["sdpa"].add(sdpa_choice())
+        seen["gc_enabled"].add(gc.isenabled())
+        return original_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_ijepa.IJepaForPreTraining, "forward", observed_forward)
+    argv = e2e_args(data, tmp_path / "run", 4, "--report_to", "none", "--logging_steps", "2",
+                    "--dataloader_num_workers", "0", "--sdpa_backends", "math", "--gc_collect_steps", "2")
+    with Collections() as collections:
+        results = loop.pretrain(*parse_arguments(argv))
+    assert seen == {"sdpa": {"MATH"}, "gc_enabled": {False}}  # inside every training step
+    assert collections.generations.count(1) >= 3  # at the start, then after steps 2 and 4
+    assert gc.isenabled() and gc.get_freeze_count() == 0 and sdpa_choice() == "FLASH_ATTENTION"  # restored
+    windows = results["images_per_second_by_window"]
+    assert [step for step, _ in windows] == [2, 4] and all(rate > 0 for _, rate in windows)

@@ -52,7 +52,7 @@ def test_gpu_check__tiny_cpu_stability_row_per_pass_with_cpu_counters_na(tmp_pat
 @pytest.mark.slow  # the real loop on a fresh JPEG parquet: about a minute on a busy 2-core machine
 def test_gpu_check__tiny_cpu_loop_row_with_window_rates(tmp_path):
     table = run_gpu_check(tmp_path, "loop_eager", timeout=600)
-    assert "loop dataset: 240 JPEGs" in table and "loop_eager: rc=0" in table
+    assert "loop dataset: 264 JPEGs" in table and "loop_eager: rc=0" in table
     row = next(line for line in table.splitlines() if line.startswith("| tiny-cpu | 8 | 30 | False |"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert float(cells[5]) > 0 and float(cells[6]) > 0 and cells[8] == "0.0"  # first 20, steady, compile s

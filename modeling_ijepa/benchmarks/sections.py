@@ -211,7 +211,8 @@ def loop_section(args, device):
     from .real_loop import format_loop_table, loop_window_benchmark, make_jpeg_parquet
 
     with tempfile.TemporaryDirectory() as tmp:
-        dataset = args.loop_dataset or make_jpeg_parquet(Path(tmp) / "jpegs", args.loop_steps * args.loop_batch_size)
+        images = args.loop_steps * args.loop_batch_size * 11 // 10  # no epoch boundary inside the run
+        dataset = args.loop_dataset or make_jpeg_parquet(Path(tmp) / "jpegs", images)
         result = loop_window_benchmark(dataset, args.loop_config, args.loop_batch_size, args.loop_steps,
                                        args.loop_compile, Path(tmp) / "run", args.loop_settings.split())
     return [result], format_loop_table([result])

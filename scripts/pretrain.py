@@ -27,7 +27,7 @@ from pathlib import Path
 from modeling_ijepa.training import TrainingStopped, parse_arguments, pretrain
 from modeling_ijepa.training.checkpoints import CheckpointCorruptError, CheckpointSpaceError
 from modeling_ijepa.training.data import DataWorkerError
-from modeling_ijepa.training.preemption import Preempted
+from modeling_ijepa.training.preemption import ABANDONED_EXIT_CODE, Preempted
 from modeling_ijepa.training.workers import LostProcessError, follow_launcher
 from modeling_ijepa.training.validation import ArgumentError, validate_arguments
 
@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
         exit_process(preempted.exit_code, "preempted, checkpoint saved")
     except (TrainingStopped, CheckpointCorruptError, CheckpointSpaceError) as stopped:
         raise SystemExit(str(stopped)) from None
+    except KeyboardInterrupt:  # a second Ctrl-C in a single-process run (several processes exit in the handler)
+        exit_process(ABANDONED_EXIT_CODE, "interrupted twice, nothing saved")
     except (DataWorkerError, LostProcessError) as failed:
         print(f"{type(failed).__name__}: {failed}", file=sys.stderr)
         exit_process(1, type(failed).__name__)

@@ -443,6 +443,21 @@ def test_guard__a_signal_arriving_twice_at_once_is_one_request_and_repeated_sigt
     assert guard.received == signal.SIGTERM
 
 
+def test_guard__a_second_ctrl_c_in_one_process_raises_keyboard_interrupt(monkeypatch):
+    """One process unwinds on the second Ctrl-C (its workers are stopped, a notebook keeps its kernel); several
+    processes exit in the handler with 130 (tested end to end above)."""
+    from modeling_ijepa.training import preemption
+
+    monkeypatch.setattr(preemption, "SAME_EVENT_SECONDS", 0.0)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        with preemption.PreemptionGuard([]):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+
+
 def test_worker_signals__a_worker_ignores_every_stop_signal(tmp_path):
     import multiprocessing
 

@@ -86,7 +86,9 @@ class PreemptionGuard:
         if second_interrupt and time.monotonic() - self._received_at > SAME_EVENT_SECONDS:
             _say(f"Second interrupt ({signal.Signals(signum).name}): exiting now without saving; the previous "
                  f"checkpoint is intact (exit code {ABANDONED_EXIT_CODE}).", every_process=True)
-            os._exit(ABANDONED_EXIT_CODE)  # no unwinding: nothing may wait on peers, workers die with us (pdeathsig)
+            if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+                raise KeyboardInterrupt  # one process unwinds (stops its workers; a notebook keeps its kernel)
+            os._exit(ABANDONED_EXIT_CODE)  # no unwinding: it could wait on peers; workers die with us (pdeathsig)
 
     def __enter__(self) -> PreemptionGuard:
         if threading.current_thread() is threading.main_thread():

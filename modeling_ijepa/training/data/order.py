@@ -44,7 +44,8 @@ def distributed_sampler_order(num_records: int, rank: int, world_size: int, seed
     multiple of `world_size`, every `world_size`-th index from `rank`."""
     generator = torch.Generator()
     generator.manual_seed(seed + epoch)
-    indices = torch.randperm(num_records, generator=generator).tolist()
+    # Through numpy: the sampler runs in the training process, where tensor `.tolist()` is kept for device reads.
+    indices = torch.randperm(num_records, generator=generator).numpy().tolist()
     total = math.ceil(num_records / world_size) * world_size
     padding = total - num_records
     indices += (indices * math.ceil(padding / max(1, num_records)))[:padding]

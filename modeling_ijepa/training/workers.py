@@ -80,8 +80,16 @@ def stop_workers(iterator) -> None:
     still alive after `WORKER_KILL_WAIT_SECONDS` (torch's fallback is SIGTERM, which the workers ignore)."""
     processes = list(getattr(iterator, "_workers", []))
     shutdown = getattr(iterator, "_shutdown_workers", None)
-    if shutdown is not None:
-        shutdown()
+    try:
+        if shutdown is not None:
+            shutdown()
+    except RuntimeError as err:
+        # Torch's SIGCHLD handler raising while it joins: a worker had died. The error that ends the run (the
+        # DataWorkerError naming it, or whatever made the loop stop) is already on its way; torch's own `finally`
+        # has unregistered the workers, so only the join below is left.
+        if not is_worker_death(err):
+            raise
+        logger.warning("While stopping the DataLoader workers: %s", err)
     deadline = time.monotonic() + WORKER_KILL_WAIT_SECONDS
     for process in processes:
         process.join(timeout=max(0.0, deadline - time.monotonic()))

@@ -34,6 +34,8 @@ from test_faults import GRACE_SECONDS, same_weights, start_ranks, wait_all  # no
 from test_pretrain import ACCELERATE, REPO, SCRIPTS, e2e_args, free_port, make_mixed_image_folder, read_log  # noqa: E402
 
 STEPS = 12
+# Signals the launcher forwards to the ranks (torch elastic's default list plus SIGUSR1, as docs/pretraining.md says).
+LAUNCHER_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 LOST_PROCESS_BOUND_SECONDS = 60  # the bound for every process of the job to be gone after a loss
 # Runs through `python WRAPPER pretrain.py ARGS`. IJEPA_TEST_PAUSE=write:N pauses the write of checkpoint-N after the
 # process files are in its temporary folder; =workers pauses each DataLoader worker before its `worker_init_fn` (the
@@ -235,6 +237,7 @@ def wait_for_moment(job: Job, output: Path, moment: str, markers: Path) -> None:
 
 CASES = [  # (signal, who receives it, moment, extra arguments)
     pytest.param("SIGTERM", "job", "mid-step", [], id="SIGTERM-job-mid-step"),
+    # Without SIGUSR1 in TORCHELASTIC_SIGNALS_TO_HANDLE (the documented launcher recipe) SIGUSR1 kills the launcher.
     pytest.param("SIGUSR1", "job", "mid-step", ["--save_on_signal", "SIGUSR1"], id="SIGUSR1-job-mid-step"),
     pytest.param("SIGINT", "job", "mid-step", [], id="SIGINT-job-mid-step"),
     pytest.param("SIGTERM", "launcher", "mid-step", [], id="SIGTERM-launcher-mid-step"),
@@ -254,7 +257,7 @@ def test_stop_signal__every_rank_saves_exits_75_no_process_left_and_the_resume_i
     markers.mkdir()
     pause = {"checkpoint-write": "write:4", "workers-start": "workers"}.get(moment, "")
     job = Job(run_args(data, output, *extra), tmp_path / "launch.log", wrapper=wrapper, IJEPA_TEST_PAUSE=pause,
-              IJEPA_TEST_MARKERS=str(markers))
+              IJEPA_TEST_MARKERS=str(markers), TORCHELASTIC_SIGNALS_TO_HANDLE=LAUNCHER_SIGNALS)
     try:
         wait_for_moment(job, output, moment, markers)
         processes = job.processes()

@@ -24,7 +24,7 @@ from modeling_ijepa import ijepa_config_from_preset
 from modeling_ijepa.training import arguments, loop
 from modeling_ijepa.training import data as training_data
 
-from test_pretrain import e2e_args, make_mixed_image_folder
+from test_pretrain import e2e_args, make_mixed_image_folder, read_log
 
 
 def image_column(folder: Path):
@@ -272,6 +272,27 @@ def test_imagenet_hub_layouts__stream_through_the_data_path(tmp_path, layout, co
         assert all(b["pixel_values"].shape == (2, 3, 16, 16) and b["pixel_values"].dtype == torch.uint8
                    for b in batches)
         assert stream.state.corrupt_images == 0
+
+
+@pytest.mark.slow  # two in-process runs with 2 DataLoader workers (~1 min on 2 shared cores)
+def test_stream_run__resumed_with_workers_sees_the_batches_and_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
+    """The loop on a streamed parquet dataset with 2 workers (2 readers): 6 steps with a checkpoint at 3, against a
+    resume of that checkpoint to 6 (a kill right after it): same batch fingerprints at steps 3-5 (0-based), same final weights."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    data = make_parquet_shards(tmp_path / "parquet", shards=4, per_shard=10)
+    extra = ["--report_to", "none", "--dataloader_num_workers", "2", "--checkpointing_steps", "3"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    loop.pretrain(*arguments.parse_arguments(e2e_args(data, full, 6, *extra)))
+    killed.mkdir()
+    shutil.copytree(full / "checkpoint-3", killed / "checkpoint-3")
+    loop.pretrain(*arguments.parse_arguments(e2e_args(data, killed, 6, *extra, "--resume_from_checkpoint", "latest")))
+    full_log, killed_log = read_log(full), read_log(killed)
+    assert [full_log[s]["batch_fingerprint"] for s in (3, 4, 5)] == [killed_log[s]["batch_fingerprint"] for s in (3, 4, 5)]
+    a, b = load_file(full / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_old_data_position__clear_error_naming_ignore_data_skip():

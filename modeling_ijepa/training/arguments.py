@@ -36,7 +36,8 @@ class DataTrainingArguments:
         default=True, metadata={"help": "Stream the dataset instead of downloading/preparing it first."}
     )
     shuffle_buffer_size: int = field(
-        default=10_000, metadata={"help": "Shuffle buffer of each process (plus a shuffle of the file order)."}
+        default=10_000, metadata={"help": "Streams: shuffle buffer of each reader (one per DataLoader worker), fed by "
+                                  "16 of its shards at a time; map-style data uses the official sampler instead."}
     )
     num_train_samples: int | None = field(
         default=None,

@@ -155,7 +155,14 @@ class ImageBatchStream:
 
     def worker_error(self, err: BaseException, board) -> DataWorkerError:
         # The pid torch names, mapped to its worker; a stall names no pid: the worker that owed the next batch.
-        dead = worker_lifecycle.dead_worker_ids(err, self._worker_pids) or [self.state.batches % self.num_workers]
+        dead = worker_lifecycle.dead_worker_ids(err, self._worker_pids)
+        if not dead and not worker_lifecycle.is_worker_death(err):
+            # The pipe broke (EOF, connection reset) before torch noticed the death: the workers that exited.
+            dead = self.exited_workers()
+            if dead:
+                pids = ", ".join(str(self._worker_pids[w]) for w in dead)
+                err = RuntimeError(f"DataLoader worker (pid(s) {pids}) exited unexpectedly: {err}")
+        dead = dead or [self.state.batches % self.num_workers]
         records = [bytes(board[w * _BOARD_SLOT:(w + 1) * _BOARD_SLOT]).rstrip(b"\0").decode("utf-8", "replace")
                    for w in dead]
         named = "; ".join(f"DataLoader worker {w} of process {self.rank} failed; it was on record {r or '<none yet>'}"
@@ -164,6 +171,19 @@ class ImageBatchStream:
             f"{named}. ({err}) If it was killed for memory, lower --dataloader_num_workers or the batch size; if the "
             "record crashes the decoder, remove it."
         )
+
+    def exited_workers(self, wait_seconds: float = 2.0) -> list[int]:
+        """Ids of this DataLoader's workers that have exited, waiting up to `wait_seconds` for one to be reaped."""
+        import time
+
+        processes = list(getattr(self._iterator, "_workers", []))
+        deadline = time.monotonic() + wait_seconds
+        while processes:
+            dead = [worker for worker, process in enumerate(processes) if not process.is_alive()]
+            if dead or time.monotonic() > deadline:
+                return dead
+            time.sleep(0.05)
+        return []
 
     def close(self) -> None:
         """Kept for callers of the old stream: the DataLoader's workers stop when its iteration is closed."""

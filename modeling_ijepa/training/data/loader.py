@@ -158,10 +158,16 @@ class ImageBatchStream:
         dead = worker_lifecycle.dead_worker_ids(err, self._worker_pids)
         if not dead and not worker_lifecycle.is_worker_death(err):
             # The pipe broke (EOF, connection reset) before torch noticed the death: the workers that exited.
-            dead = self.exited_workers()
-            if dead:
-                pids = ", ".join(str(self._worker_pids[w]) for w in dead)
-                err = RuntimeError(f"DataLoader worker (pid(s) {pids}) exited unexpectedly: {err}")
+            try:
+                dead = self.exited_workers()
+            except RuntimeError as death:  # torch's SIGCHLD handler named the dead worker while we waited
+                if not worker_lifecycle.is_worker_death(death):
+                    raise
+                err, dead = death, worker_lifecycle.dead_worker_ids(death, self._worker_pids)
+            else:
+                if dead:
+                    pids = ", ".join(str(self._worker_pids[w]) for w in dead)
+                    err = RuntimeError(f"DataLoader worker (pid(s) {pids}) exited unexpectedly: {err}")
         dead = dead or [self.state.batches % self.num_workers]
         records = [bytes(board[w * _BOARD_SLOT:(w + 1) * _BOARD_SLOT]).rstrip(b"\0").decode("utf-8", "replace")
                    for w in dead]

@@ -23,6 +23,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def cuda_step_peak_memory(fn, device: torch.device) -> dict:
+    """One call of `fn` on a CUDA device: its own peak above what was allocated before it, and the peak in all, from
+    the caching allocator's exact counters."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return {"peak_step_mib": (peak - before) / MIB, "peak_allocated_mib": peak / MIB, "method": "cuda_max_allocated"}
+
+
 def timed(fn, device) -> float:
     """Seconds of `fn()`, with the device synchronised before and after."""
     synchronize(device)

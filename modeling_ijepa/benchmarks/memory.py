@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .common import MIB, autocast
+from .common import autocast, cuda_step_peak_memory
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding `modeling_ijepa/`
 
@@ -64,13 +64,7 @@ def run_memory_probe(spec: dict) -> dict:
         run()
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        run()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
-        return {"peak_step_mib": (peak - before) / MIB, "peak_allocated_mib": peak / MIB, "method": "cuda_max_allocated"}
+        return cuda_step_peak_memory(run, device)
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")  # resets VmHWM to the current RSS
     before = read_status_kib("VmRSS")

@@ -14,7 +14,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from .. import IJepaForPreTraining, MaskSamplingSettings, ema_momentum, ijepa_config_from_preset, sample_masks
 from ..compilation import compile_regions
 from .common import (
-    DTYPES, LEARNING_RATE, MIB, WEIGHT_DECAY, autocast, interleaved_medians, matmul_peak_flops, weight_decay_groups,
+    DTYPES, LEARNING_RATE, WEIGHT_DECAY, autocast, cuda_step_peak_memory, interleaved_medians, matmul_peak_flops,
+    weight_decay_groups,
 )
 from .official_style import LoopMaskSampler, OfficialStylePretraining, load_from_ours
 
@@ -169,15 +170,7 @@ def cuda_step_memory(fns: dict, device) -> dict:
     result = {}
     for impl, fn in fns.items():
         gc.collect()
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
-        result[f"{impl}_memory"] = {
-            "peak_step_mib": (peak - before) / MIB, "peak_allocated_mib": peak / MIB, "method": "cuda_max_allocated",
-        }
+        result[f"{impl}_memory"] = cuda_step_peak_memory(fn, device)
     return result
 
 

@@ -104,6 +104,8 @@ BAD_ARGUMENTS = [  # (extra command-line arguments, what the one-line message mu
     (["--shuffle_buffer_size", "0"], "--shuffle_buffer_size 0: must be a positive number of records"),
     (["--dataloader_num_workers", "-2"], "--dataloader_num_workers -2: must be >= -1"),
     (["--save_on_signal", "SIGFOO"], "--save_on_signal SIGFOO: SIGFOO is not a signal of this system"),
+    (["--save_on_signal", "SIGUSR1,SIGKILL"], "--save_on_signal SIGUSR1,SIGKILL: SIGKILL cannot ask for a save"),
+    (["--save_on_signal", "chld"], "--save_on_signal chld: SIGCHLD cannot ask for a save"),
     (["--preemption_check_steps", "0"], "--preemption_check_steps 0: must be a positive number"),
     (["--distributed_timeout_seconds", "0"], "--distributed_timeout_seconds 0: must be a positive number of seconds"),
     (["--checkpoint_verification", "paranoid"], "--checkpoint_verification paranoid: must be one of fast, full"),

@@ -132,11 +132,19 @@ def check_bookkeeping(p: _Problems) -> None:
     bad_signals = [name for name in signal_names(p.value("save_on_signal")) if not hasattr(signal, name)]
     p.require("save_on_signal", not bad_signals, f"{', '.join(bad_signals)} is not a signal of this system; use "
               "names such as SIGUSR1, SIGUSR2, SIGINT, SIGHUP (SIGTERM is always handled)")
+    unusable = [name for name in signal_names(p.value("save_on_signal")) if name in UNHANDLEABLE_SIGNALS]
+    p.require("save_on_signal", not unusable, f"{', '.join(unusable)} cannot ask for a save (SIGKILL and SIGSTOP cannot "
+              "be caught; torch's DataLoader uses SIGCHLD); use SIGUSR1, SIGUSR2 or SIGHUP")
     p.require("dataset_name", bool(p.value("dataset_name")), "must name a Hub dataset or a local path")
     p.at_least("gc_collect_steps", 0, "must be >= 0 (0: Python's automatic garbage collector)")
     backends = [name.strip() for name in (p.value("sdpa_backends") or "").split(",") if name.strip()]
     p.require("sdpa_backends", all(name in SDPA_BACKEND_NAMES for name in backends),
               f"must be a comma-separated order of {', '.join(SDPA_BACKEND_NAMES)}")
+
+
+# Signals a --save_on_signal handler can never serve: the kernel does not deliver the first two to handlers, and torch's
+# DataLoader installs its own SIGCHLD handler to notice dead workers.
+UNHANDLEABLE_SIGNALS = ("SIGKILL", "SIGSTOP", "SIGCHLD")
 
 
 def signal_names(text: str | None) -> list[str]:

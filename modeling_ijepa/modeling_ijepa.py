@@ -794,11 +794,7 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         predicted = self.predictor(
             context_hidden_states, context_mask, target_mask, patch_grid=patch_grid
         )  # (T*C*B, Kt, D)
-        loss = prediction_loss(predicted, targets, self.config.loss_type)
-        sigreg = None
-        if self.config.sigreg_weight > 0:
-            sigreg = self.sigreg(context_hidden_states, sigreg_seed)
-            loss = loss + self.config.sigreg_weight * sigreg
+        loss, sigreg = self.pretraining_loss(predicted, targets, context_hidden_states, sigreg_seed)
 
         output = IJepaForPreTrainingOutput(
             loss=loss,
@@ -812,6 +808,17 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
             sigreg=sigreg,
         )
         return output if return_dict else output.to_tuple()
+
+    def pretraining_loss(self, predicted: torch.Tensor, targets: torch.Tensor, context_hidden_states: torch.Tensor,
+                         sigreg_seed: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`(loss, sigreg)`: the official prediction loss of `predicted` against `targets` (both `(T*C*B, Kt, D)`),
+        plus `config.sigreg_weight * sigreg` of the context outputs `(C*B, Kc, D)` when that weight is > 0 (else
+        `sigreg` is None and the loss is exactly the official one)."""
+        loss = prediction_loss(predicted, targets, self.config.loss_type)
+        if self.config.sigreg_weight <= 0:
+            return loss, None
+        sigreg = self.sigreg(context_hidden_states, sigreg_seed)
+        return loss + self.config.sigreg_weight * sigreg, sigreg
 
     def sigreg(self, context_hidden_states: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         """SIGReg statistic (`sigreg_statistic`) of the context encoder's output `(C * B, Kc, D)`: on its patch
